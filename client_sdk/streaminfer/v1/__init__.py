@@ -1,0 +1,1 @@
+"""Generated code for the streaminfer.v1 API. Regenerate with ``make protos``."""

@@ -1,0 +1,198 @@
+"""Typed, validated server configuration: a TOML file plus command-line flags.
+
+Every value is checked when the config is built, and an error quotes the bad
+value and the accepted range, so a typo fails at start-up and not under load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import os
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+MODEL_KINDS = ("silero_vad", "minilm_embedding", "hog_people", "haar_faces", "torchscript", "torch_export")
+MODALITIES = ("audio", "video", "text")
+DTYPES = ("float32", "float16", "int64", "int32", "uint8")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchingConfig:
+    max_batch_size: int = 64
+    # Counted from the arrival of the first item of the batch, milliseconds.
+    max_queue_delay_ms: float = 5.0
+    # Items waiting for this model, across all streams. A full queue makes
+    # the submitting streams wait (backpressure) instead of growing memory.
+    max_queue_size: int = 4096
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelConfig:
+    name: str
+    kind: str
+    modality: str = ""
+    # Archive for user models (torchscript, torch_export).
+    path: str = ""
+    input_shape: tuple[int, ...] = ()
+    input_dtype: str = "float32"
+    batching: BatchingConfig = BatchingConfig()
+    # "auto" picks cuda:0 when torch sees a GPU, else cpu.
+    device: str = "auto"
+    instances: int = 1
+    description: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_audio_chunk_bytes: int = 256 * 1024
+    max_frame_bytes: int = 8 * 1024 * 1024
+    max_frame_dimension: int = 4096
+    max_text_chunk_bytes: int = 64 * 1024
+    # Chunks a stream may have sent and not yet had answered. The reader stops
+    # reading the stream at this count, so HTTP/2 flow control holds the rest.
+    max_chunks_in_flight: int = 64
+    # Seconds a write to a client may wait for HTTP/2 flow-control credit.
+    write_timeout_s: float = 10.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    decode_threads: int = 2
+    # Intra-op threads per inference worker; 0 means one per core minus one
+    # for the event loop, at least 1.
+    torch_threads: int = 0
+    models: tuple[ModelConfig, ...] = ()
+    limits: LimitsConfig = LimitsConfig()
+
+    def resolved_torch_threads(self) -> int:
+        if self.torch_threads > 0:
+            return self.torch_threads
+        return max(1, (os.cpu_count() or 1) - 1)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _positive_int(table: Mapping[str, Any], key: str, default: int, where: str) -> int:
+    value = table.get(key, default)
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        f"{where}.{key} = {value!r} is invalid: expected an integer >= 1",
+    )
+    return int(value)
+
+
+def _batching_from(table: Mapping[str, Any], where: str) -> BatchingConfig:
+    default = BatchingConfig()
+    delay = table.get("max_queue_delay_ms", default.max_queue_delay_ms)
+    _require(
+        isinstance(delay, (int, float)) and not isinstance(delay, bool) and 0 <= delay <= 10_000,
+        f"{where}.max_queue_delay_ms = {delay!r} is invalid: expected milliseconds from 0 to 10000",
+    )
+    return BatchingConfig(
+        max_batch_size=_positive_int(table, "max_batch_size", default.max_batch_size, where),
+        max_queue_delay_ms=float(delay),
+        max_queue_size=_positive_int(table, "max_queue_size", default.max_queue_size, where),
+    )
+
+
+def model_from_table(table: Mapping[str, Any], index: int) -> ModelConfig:
+    where = f"models[{index}]"
+    name = table.get("name")
+    _require(isinstance(name, str) and name != "", f"{where}.name = {name!r} is invalid: expected a non-empty string")
+    where = f"model {name!r}"
+    kind = table.get("kind", name)
+    _require(kind in MODEL_KINDS, f"{where}: kind = {kind!r} is invalid: expected one of {', '.join(MODEL_KINDS)}")
+    modality = table.get("modality", "")
+    _require(
+        modality == "" or modality in MODALITIES,
+        f"{where}: modality = {modality!r} is invalid: expected one of {', '.join(MODALITIES)}",
+    )
+    path = table.get("path", "")
+    shape = table.get("input_shape", [])
+    dtype = table.get("input_dtype", "float32")
+    if kind in ("torchscript", "torch_export"):
+        _require(isinstance(path, str) and path != "", f"{where}: path is missing: user models need the archive path")
+        _require(
+            isinstance(shape, list) and all(isinstance(d, int) and (d > 0 or d == -1) for d in shape),
+            f"{where}: input_shape = {shape!r} is invalid: expected a list of sizes >= 1, or -1 for a free size",
+        )
+        _require(dtype in DTYPES, f"{where}: input_dtype = {dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
+    device = table.get("device", "auto")
+    _require(
+        isinstance(device, str) and (device in ("auto", "cpu") or device.startswith("cuda")),
+        f"{where}: device = {device!r} is invalid: expected auto, cpu, cuda or cuda:N",
+    )
+    return ModelConfig(
+        name=name,
+        kind=kind,
+        modality=modality,
+        path=path,
+        input_shape=tuple(shape),
+        input_dtype=dtype,
+        batching=_batching_from(table.get("batching", {}), f"{where}: batching"),
+        device=device,
+        instances=_positive_int(table, "instances", 1, where),
+        description=str(table.get("description", "")),
+    )
+
+
+def config_from_mapping(data: Mapping[str, Any]) -> ServerConfig:
+    server = data.get("server", {})
+    limits_table = data.get("limits", {})
+    default_limits = LimitsConfig()
+    limits = LimitsConfig(
+        max_audio_chunk_bytes=_positive_int(limits_table, "max_audio_chunk_bytes", default_limits.max_audio_chunk_bytes, "limits"),
+        max_frame_bytes=_positive_int(limits_table, "max_frame_bytes", default_limits.max_frame_bytes, "limits"),
+        max_frame_dimension=_positive_int(limits_table, "max_frame_dimension", default_limits.max_frame_dimension, "limits"),
+        max_text_chunk_bytes=_positive_int(limits_table, "max_text_chunk_bytes", default_limits.max_text_chunk_bytes, "limits"),
+        max_chunks_in_flight=_positive_int(limits_table, "max_chunks_in_flight", default_limits.max_chunks_in_flight, "limits"),
+        write_timeout_s=float(limits_table.get("write_timeout_s", default_limits.write_timeout_s)),
+    )
+    models = tuple(model_from_table(table, i) for i, table in enumerate(data.get("models", [])))
+    names = [model.name for model in models]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    _require(not duplicates, f"models: duplicate name(s) {duplicates}: each model needs a unique name")
+    port = server.get("port", 50051)
+    _require(isinstance(port, int) and 0 <= port <= 65535, f"server.port = {port!r} is invalid: expected 0 to 65535")
+    torch_threads = server.get("torch_threads", 0)
+    _require(
+        isinstance(torch_threads, int) and torch_threads >= 0,
+        f"server.torch_threads = {torch_threads!r} is invalid: expected an integer >= 0 (0 picks one per core minus one)",
+    )
+    return ServerConfig(
+        host=str(server.get("host", "127.0.0.1")),
+        port=port,
+        decode_threads=_positive_int(server, "decode_threads", 2, "server"),
+        torch_threads=torch_threads,
+        models=models,
+        limits=limits,
+    )
+
+
+def default_config_text() -> str:
+    return importlib.resources.files("streaminfer.server").joinpath("default_config.toml").read_text()
+
+
+def load_config(path: str | None) -> ServerConfig:
+    """Read the config at ``path``, or the embedded default when ``path`` is None."""
+    if path is None:
+        text = default_config_text()
+    else:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path or 'default config'}: invalid TOML: {error}") from error
+    return config_from_mapping(data)
