@@ -1,0 +1,46 @@
+# streaminfer developer commands. Everything installs into .venv on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help install demo test protos lint-proto bench clean
+
+help:
+	@echo "make demo        install, start the server, stream the sample media, print results"
+	@echo "make test        install the dev dependencies and run the whole test suite"
+	@echo "make bench       run the benchmarks and write BENCHMARKS.md"
+	@echo "make protos      regenerate the Python code under client_sdk/streaminfer/v1"
+	@echo "make lint-proto  run buf lint on protos/"
+
+$(STAMP): pyproject.toml client_sdk/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ./client_sdk -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+node_modules/.bin/buf: package.json
+	npm install --no-audit --no-fund --silent
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
+test: $(STAMP) node_modules/.bin/buf
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+protos: $(STAMP)
+	$(BIN)/python scripts/generate_protos.py
+
+lint-proto: node_modules/.bin/buf
+	node_modules/.bin/buf lint
+
+bench: $(STAMP)
+	$(BIN)/python -m streaminfer.server.bench
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache

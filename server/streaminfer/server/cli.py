@@ -1,0 +1,72 @@
+"""The ``streaminfer`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+
+from streaminfer.server.config import ConfigError, default_config_text, load_config
+
+
+def _serve(options: argparse.Namespace) -> int:
+    try:
+        config = load_config(options.config)
+    except (ConfigError, OSError) as error:
+        print(f"streaminfer: {error}", file=sys.stderr)
+        return 2
+    overrides = {
+        "host": options.host,
+        "port": options.port,
+        "decode_threads": options.decode_threads,
+        "torch_threads": options.torch_threads,
+    }
+    config = dataclasses.replace(config, **{key: value for key, value in overrides.items() if value is not None})
+
+    import uvloop
+
+    from streaminfer.server.app import serve
+
+    uvloop.run(serve(config, grace=options.grace))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streaminfer", description="Realtime multi-modal inference server over gRPC.")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level (default: INFO)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="start the server",
+        description="Start the server. Flags override the config file; the config file overrides the built-in default.",
+    )
+    serve.add_argument("--config", metavar="FILE", help="TOML config file (default: the built-in models, see `streaminfer config`)")
+    serve.add_argument("--host", help="address to listen on (default: 127.0.0.1; 0.0.0.0 or [::] for all)")
+    serve.add_argument("--port", type=int, help="TCP port; 0 picks a free one and prints it (default: 50051)")
+    serve.add_argument("--decode-threads", type=int, help="threads decoding and preprocessing chunks (default: 2)")
+    serve.add_argument(
+        "--torch-threads", type=int, help="intra-op threads per inference worker; 0 means cores minus one (default: 0)"
+    )
+    serve.add_argument(
+        "--grace", type=float, default=5.0, help="seconds running streams get to finish on SIGTERM (default: 5)"
+    )
+    serve.set_defaults(handler=_serve)
+
+    show = commands.add_parser("config", help="print the built-in default config (TOML)")
+    show.set_defaults(handler=lambda options: print(default_config_text(), end="") or 0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = build_parser().parse_args(argv)
+    logging.basicConfig(level=options.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return options.handler(options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The executor: loaded models with their runners, and the decode stage."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from streaminfer.server.batcher import ModelRunner, WorkItem
+from streaminfer.server.config import ServerConfig
+from streaminfer.server.decode import DecodeStage
+from streaminfer.server.models import build_model, resolve_device
+
+logger = logging.getLogger(__name__)
+
+
+class Executor:
+    """Owns every model runner and the decode pool of one server process."""
+
+    def __init__(self, config: ServerConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.runners: dict[str, ModelRunner] = {}
+        self.load_seconds: dict[str, float] = {}
+        self.decode = DecodeStage(config.decode_threads)
+        self._clock = clock
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        torch_threads = self.config.resolved_torch_threads()
+        for model_config in self.config.models:
+            model = build_model(model_config)
+            device = resolve_device(model_config.device)
+            started = time.perf_counter()
+            # Loading reads weights from disk and may compile; keep it off the loop.
+            await asyncio.to_thread(model.load, device)
+            self.load_seconds[model_config.name] = time.perf_counter() - started
+            logger.info(
+                "loaded model %s (%s) on %s in %.2f s, %d instance(s), max batch %d, max queue delay %.1f ms",
+                model_config.name,
+                model_config.kind,
+                device,
+                self.load_seconds[model_config.name],
+                model_config.instances,
+                model_config.batching.max_batch_size,
+                model_config.batching.max_queue_delay_ms,
+            )
+            runner = ModelRunner(model, model_config, device, self._deliver, loop, torch_threads, self._clock)
+            runner.start()
+            self.runners[model_config.name] = runner
+        self.decode.start()
+
+    async def aclose(self) -> None:
+        await self.decode.aclose()
+        for runner in self.runners.values():
+            await asyncio.to_thread(runner.stop)
+
+    def _deliver(self, items: list[WorkItem]) -> None:
+        """Route a finished batch to its streams, one call per stream and model."""
+        groups: dict[int, list[WorkItem]] = {}
+        for item in items:
+            groups.setdefault(id(item.slot), []).append(item)
+        for group in groups.values():
+            owner = group[0].owner
+            owner.on_items_done(group[0].slot, group)  # type: ignore[attr-defined]

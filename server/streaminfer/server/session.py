@@ -1,0 +1,526 @@
+"""One client stream: its config, its chunk ledger, and its outbound results.
+
+A Session is driven from the event loop by two tasks. The reader validates
+each client message, has it decoded and preprocessed in the decode stage and
+submits the model inputs to the models' runners. Runners hand finished items
+back through ``on_items_done``, which releases results in each stream's order,
+acknowledges the chunks every model has completed, and wakes the writer.
+
+Every chunk is answered once: by a ChunkAck when every model of its modality
+has completed it, or by a ChunkError. The in-flight window
+(``max_chunks_in_flight``) counts chunks not yet answered; at the window the
+reader stops reading, so HTTP/2 flow control holds the client back instead of
+server memory growing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import enum
+import logging
+import secrets
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING, Any
+
+from streaminfer.server.batcher import ModelRunner, QueueFull, WorkItem
+from streaminfer.server.decode import TextDecoder, decode_audio, decode_image
+from streaminfer.server.errors import ChunkRejected, FailedPrecondition, InvalidArgument, NotFound, StreaminferError
+from streaminfer.server.models.base import DecodedChunk, ModelInput, StreamOptions
+from streaminfer.v1 import streaminfer_pb2 as pb
+
+if TYPE_CHECKING:
+    from streaminfer.server.app import Executor
+
+logger = logging.getLogger(__name__)
+
+NO_SEQUENCE_NUMBER = -(1 << 63)
+MAX_SAMPLE_RATE_HERTZ = 384_000
+MIN_SAMPLE_RATE_HERTZ = 1_000
+MAX_AUDIO_CHANNELS = 32
+
+_MODALITY_FIELDS = {"audio": pb.MODALITY_AUDIO, "frame": pb.MODALITY_VIDEO, "text": pb.MODALITY_TEXT}
+_MODALITY_NAMES = {pb.MODALITY_AUDIO: "audio", pb.MODALITY_VIDEO: "frame", pb.MODALITY_TEXT: "text"}
+
+
+class StreamPhase(enum.Enum):
+    STREAMING = "streaming"
+    INPUT_ENDED = "input ended"
+    CLOSED = "closed"
+
+
+@dataclasses.dataclass(eq=False)
+class ModelSlot:
+    """One model's place in one stream: its states and its release order."""
+
+    runner: ModelRunner
+    modality: int
+    preprocess_state: Any
+    inference_state: Any
+    next_index: int = 0
+    next_release: int = 0
+    done: dict[int, WorkItem] = dataclasses.field(default_factory=dict)
+    # Chunks up to this sequence number are complete for this model.
+    completed_through: int = NO_SEQUENCE_NUMBER
+
+    @property
+    def name(self) -> str:
+        return self.runner.config.name
+
+    @property
+    def idle(self) -> bool:
+        return self.next_release == self.next_index
+
+
+@dataclasses.dataclass(eq=False)
+class Ledger:
+    """The chunks of one modality that are received and not yet answered."""
+
+    modality: int
+    slots: list[ModelSlot]
+    pending: collections.deque[int] = dataclasses.field(default_factory=collections.deque)
+    errored: set[int] = dataclasses.field(default_factory=set)
+    last_sequence_number: int | None = None
+    received: int = 0
+    acked: int = 0
+    failed: int = 0
+
+
+class Session:
+    """The server side of one Stream call."""
+
+    def __init__(self, executor: Executor, config: pb.StreamConfig, peer: str = "") -> None:
+        self.stream_id = secrets.token_hex(8)
+        self.closed = False
+        self.phase = StreamPhase.STREAMING
+        self.failure: StreaminferError | None = None
+        self._executor = executor
+        self._limits = executor.config.limits
+        self._config = config
+        self._peer = peer
+
+        self._validate_formats(config)
+        self.options = StreamOptions(
+            stream_id=self.stream_id,
+            interim_results=config.interim_results,
+            audio_sample_rate_hertz=config.audio_format.sample_rate_hertz,
+        )
+        self._ledgers: dict[int, Ledger] = {}
+        for selection in self._resolve_models(config):
+            runner = executor.runners[selection.model]
+            model = runner.model
+            slot = ModelSlot(
+                runner=runner,
+                modality=selection.modality,
+                preprocess_state=model.new_preprocess_state(self.options),
+                inference_state=model.new_inference_state(self.options),
+            )
+            self._ledgers.setdefault(selection.modality, Ledger(selection.modality, [])).slots.append(slot)
+
+        self._audio_channels = max(1, config.audio_format.audio_channel_count)
+        self._audio_samples = 0
+        self._text_decoder = TextDecoder()
+        self._in_flight = 0
+        self._window_open = asyncio.Event()
+        self._window_open.set()
+        self._outbound = pb.StreamResponse()
+        self._outbound_ready = asyncio.Event()
+        self._results_sent = 0
+
+    # -- config -------------------------------------------------------------
+
+    def _validate_formats(self, config: pb.StreamConfig) -> None:
+        audio = config.audio_format
+        if config.HasField("audio_format"):
+            if audio.encoding == pb.AUDIO_ENCODING_UNSPECIFIED:
+                raise InvalidArgument(
+                    "config.audio_format.encoding is unspecified: set AUDIO_ENCODING_LINEAR16 or AUDIO_ENCODING_FLOAT32"
+                )
+            if not MIN_SAMPLE_RATE_HERTZ <= audio.sample_rate_hertz <= MAX_SAMPLE_RATE_HERTZ:
+                raise InvalidArgument(
+                    f"config.audio_format.sample_rate_hertz = {audio.sample_rate_hertz} is invalid: expected "
+                    f"{MIN_SAMPLE_RATE_HERTZ} to {MAX_SAMPLE_RATE_HERTZ} Hz, for example 16000"
+                )
+            if not 0 <= audio.audio_channel_count <= MAX_AUDIO_CHANNELS:
+                raise InvalidArgument(
+                    f"config.audio_format.audio_channel_count = {audio.audio_channel_count} is invalid: "
+                    f"expected 1 to {MAX_AUDIO_CHANNELS} (0 means 1)"
+                )
+        video = config.video_format
+        if config.HasField("video_format"):
+            if video.encoding == pb.IMAGE_ENCODING_UNSPECIFIED:
+                raise InvalidArgument(
+                    "config.video_format.encoding is unspecified: set IMAGE_ENCODING_JPEG, _PNG, _RAW_RGB24 or _RAW_BGR24"
+                )
+            if video.encoding in (pb.IMAGE_ENCODING_RAW_RGB24, pb.IMAGE_ENCODING_RAW_BGR24):
+                limit = self._limits.max_frame_dimension
+                for field in ("width", "height"):
+                    value = getattr(video, field)
+                    if not 1 <= value <= limit:
+                        raise InvalidArgument(
+                            f"config.video_format.{field} = {value} is invalid: raw frames need 1 to {limit} pixels"
+                        )
+
+    def _resolve_models(self, config: pb.StreamConfig) -> list[pb.ModelSelection]:
+        if not config.models:
+            raise InvalidArgument(
+                f"config.models is empty: name at least one model; served models: {', '.join(self._executor.runners)}"
+            )
+        resolved = []
+        seen = set()
+        for index, selection in enumerate(config.models):
+            runner = self._executor.runners.get(selection.model)
+            if runner is None:
+                raise NotFound(
+                    f"config.models[{index}].model = {selection.model!r} is not served; "
+                    f"served models: {', '.join(self._executor.runners)}"
+                )
+            modality = runner.model.info.modality
+            if selection.modality not in (pb.MODALITY_UNSPECIFIED, modality):
+                raise InvalidArgument(
+                    f"config.models[{index}].modality = {pb.Modality.Name(selection.modality)} does not match model "
+                    f"{selection.model!r}, which reads {pb.Modality.Name(modality)}"
+                )
+            if selection.model in seen:
+                raise InvalidArgument(f"config.models[{index}].model = {selection.model!r} is listed twice")
+            seen.add(selection.model)
+            if modality == pb.MODALITY_AUDIO and not config.HasField("audio_format"):
+                raise InvalidArgument(
+                    f"config.audio_format is missing: audio model {selection.model!r} needs the encoding and sample rate"
+                )
+            if modality == pb.MODALITY_VIDEO and not config.HasField("video_format"):
+                raise InvalidArgument(
+                    f"config.video_format is missing: video model {selection.model!r} needs the image encoding"
+                )
+            resolved.append(pb.ModelSelection(model=selection.model, modality=modality))
+        return resolved
+
+    def accepted_message(self) -> pb.StreamResponse:
+        limits = self._limits
+        return pb.StreamResponse(
+            session_accepted=pb.SessionAccepted(
+                stream_id=self.stream_id,
+                limits=pb.StreamLimits(
+                    max_audio_chunk_bytes=limits.max_audio_chunk_bytes,
+                    max_frame_bytes=limits.max_frame_bytes,
+                    max_frame_dimension=limits.max_frame_dimension,
+                    max_text_chunk_bytes=limits.max_text_chunk_bytes,
+                    max_chunks_in_flight=limits.max_chunks_in_flight,
+                ),
+                models=[
+                    pb.ModelSelection(model=slot.name, modality=slot.modality)
+                    for ledger in self._ledgers.values()
+                    for slot in ledger.slots
+                ],
+            )
+        )
+
+    # -- reading --------------------------------------------------------------
+
+    async def read(self, requests: AsyncIterator[pb.StreamRequest]) -> None:
+        """Consume the client's messages until the end of input."""
+        try:
+            async for request in requests:
+                kind = request.WhichOneof("request")
+                if kind in _MODALITY_FIELDS:
+                    await self._receive_chunk(_MODALITY_FIELDS[kind], getattr(request, kind))
+                elif kind == "control":
+                    action = request.control.action
+                    if action == pb.CONTROL_ACTION_FLUSH:
+                        await self._flush()
+                    elif action == pb.CONTROL_ACTION_END_OF_INPUT:
+                        break
+                    else:
+                        raise InvalidArgument(
+                            f"control.action = {action} is invalid: expected CONTROL_ACTION_FLUSH or CONTROL_ACTION_END_OF_INPUT"
+                        )
+                elif kind == "config":
+                    raise FailedPrecondition("config was sent twice: only the first StreamRequest carries config")
+                else:
+                    raise InvalidArgument("StreamRequest is empty: set one of config, audio, frame, text, control")
+            await self._flush()
+            self.phase = StreamPhase.INPUT_ENDED
+            self._wake_writer()
+        except StreaminferError as error:
+            self.failure = error
+            self._wake_writer()
+        except Exception as error:
+            logger.exception("stream %s: reading failed", self.stream_id)
+            self.failure = StreaminferError(f"internal error while reading the stream: {type(error).__name__}")
+            self._wake_writer()
+
+    async def _receive_chunk(self, modality: int, chunk: Any) -> None:
+        field = _MODALITY_NAMES[modality]
+        sequence_number = chunk.sequence_number
+        ledger = self._ledgers.get(modality)
+
+        # 1. Checks that need no decoding answer at once.
+        problem = self._check_chunk(modality, field, chunk, ledger)
+        if problem is not None:
+            reason, message = problem
+            self._add_error(modality, sequence_number, reason, message)
+            if ledger is not None and reason != pb.CHUNK_ERROR_REASON_INVALID_ARGUMENT:
+                ledger.last_sequence_number = sequence_number
+            return
+        assert ledger is not None
+
+        # 2. Wait for room in the window; while waiting this stream is not read.
+        while self._in_flight >= self._limits.max_chunks_in_flight:
+            self._window_open.clear()
+            await self._window_open.wait()
+        self._in_flight += 1
+        ledger.pending.append(sequence_number)
+        ledger.last_sequence_number = sequence_number
+        ledger.received += 1
+
+        # 3. Decode and preprocess off the loop, then queue for the models.
+        client_time = chunk.timestamp.ToTimedelta().total_seconds() if chunk.HasField("timestamp") else None
+        content = chunk.audio_content if modality == pb.MODALITY_AUDIO else (
+            chunk.image_content if modality == pb.MODALITY_VIDEO else chunk.text
+        )
+        try:
+            prepared = await self._executor.decode.run(self._prepare, ledger, content, sequence_number, client_time)
+        except ChunkRejected as rejection:
+            self._fail_chunks(ledger, [sequence_number], rejection.reason, rejection.message)
+            return
+        self._submit(ledger, prepared)
+
+    def _check_chunk(
+        self, modality: int, field: str, chunk: Any, ledger: Ledger | None
+    ) -> tuple[int, str] | None:
+        sequence_number = chunk.sequence_number
+        if ledger is None:
+            return (
+                pb.CHUNK_ERROR_REASON_INVALID_ARGUMENT,
+                f"{field} chunk {sequence_number} has no model: config.models names none for "
+                f"{pb.Modality.Name(modality)}; add one or stop sending {field}",
+            )
+        if ledger.last_sequence_number is not None and sequence_number <= ledger.last_sequence_number:
+            return (
+                pb.CHUNK_ERROR_REASON_INVALID_ARGUMENT,
+                f"{field}.sequence_number = {sequence_number} is not greater than the previous "
+                f"{ledger.last_sequence_number}; number each modality's chunks in increasing order",
+            )
+        limits = self._limits
+        if modality == pb.MODALITY_AUDIO:
+            size, limit, name = len(chunk.audio_content), limits.max_audio_chunk_bytes, "audio.audio_content"
+        elif modality == pb.MODALITY_VIDEO:
+            size, limit, name = len(chunk.image_content), limits.max_frame_bytes, "frame.image_content"
+        else:
+            size, limit, name = len(chunk.text), limits.max_text_chunk_bytes, "text.text"
+        if size > limit:
+            return (
+                pb.CHUNK_ERROR_REASON_TOO_LARGE,
+                f"{name} has {size} bytes, more than the limit of {limit}; split it into smaller chunks",
+            )
+        return None
+
+    def _prepare(
+        self, ledger: Ledger, content: bytes, sequence_number: int, client_time: float | None
+    ) -> list[tuple[ModelSlot, list[ModelInput]]]:
+        """Decode one chunk and run each model's preprocess. Runs in the decode pool."""
+        modality = ledger.modality
+        if modality == pb.MODALITY_AUDIO:
+            audio_format = self._config.audio_format
+            samples = decode_audio(content, audio_format.encoding, self._audio_channels)
+            start = self._audio_samples / audio_format.sample_rate_hertz
+            self._audio_samples += len(samples)
+            decoded = DecodedChunk(modality, sequence_number, samples, start, audio_format.sample_rate_hertz)
+        elif modality == pb.MODALITY_VIDEO:
+            image = decode_image(content, self._config.video_format, self._limits.max_frame_dimension)
+            decoded = DecodedChunk(modality, sequence_number, image, client_time)
+        else:
+            decoded = DecodedChunk(modality, sequence_number, self._text_decoder.decode(content), client_time)
+
+        prepared = []
+        for slot in ledger.slots:
+            try:
+                inputs = slot.runner.model.preprocess(slot.preprocess_state, decoded)
+            except ValueError as error:
+                raise ChunkRejected(pb.CHUNK_ERROR_REASON_INVALID_ARGUMENT, f"{slot.name}: {error}") from error
+            except Exception as error:
+                logger.exception("stream %s: model %s failed to preprocess chunk %d", self.stream_id, slot.name, sequence_number)
+                raise ChunkRejected(pb.CHUNK_ERROR_REASON_MODEL_FAILED, f"{slot.name} failed to preprocess: {error}") from error
+            prepared.append((slot, inputs))
+        return prepared
+
+    def _prepare_flush(self, ledger: Ledger) -> list[tuple[ModelSlot, list[ModelInput]]]:
+        assert ledger.last_sequence_number is not None
+        return [
+            (slot, slot.runner.model.flush(slot.preprocess_state, ledger.last_sequence_number)) for slot in ledger.slots
+        ]
+
+    async def _flush(self) -> None:
+        for ledger in self._ledgers.values():
+            if ledger.last_sequence_number is None:
+                continue
+            prepared = await self._executor.decode.run(self._prepare_flush, ledger)
+            self._submit(ledger, prepared)
+
+    def _submit(self, ledger: Ledger, prepared: Iterable[tuple[ModelSlot, list[ModelInput]]]) -> None:
+        for slot, inputs in prepared:
+            if not inputs:
+                continue
+            items = []
+            for offset, model_input in enumerate(inputs):
+                items.append(
+                    WorkItem(
+                        owner=self,
+                        slot=slot,
+                        model_input=model_input,
+                        index=slot.next_index + offset,
+                        inference_state=slot.inference_state,
+                        preprocess_state=slot.preprocess_state,
+                    )
+                )
+            try:
+                slot.runner.submit(items)
+            except QueueFull as error:
+                sequence_numbers = range(inputs[0].first_sequence_number, inputs[-1].last_sequence_number + 1)
+                self._fail_chunks(
+                    ledger,
+                    sequence_numbers,
+                    pb.CHUNK_ERROR_REASON_OVERFLOW,
+                    f"{error}; slow down or retry later",
+                    slot.name,
+                )
+                # NOTE: the model's preprocess state already holds this
+                # chunk's leftovers, so the next window may start mid-chunk.
+                completes = inputs[-1].completes_sequence_number
+                if completes is not None:
+                    slot.completed_through = max(slot.completed_through, completes)
+                continue
+            slot.next_index += len(items)
+
+    # -- results --------------------------------------------------------------
+
+    def on_items_done(self, slot: ModelSlot, items: list[WorkItem]) -> None:
+        """Take finished items of one model; runs on the event loop."""
+        if self.closed:
+            return
+        for item in items:
+            slot.done[item.index] = item
+        ledger = self._ledgers[slot.modality]
+        while slot.next_release in slot.done:
+            item = slot.done.pop(slot.next_release)
+            slot.next_release += 1
+            model_input = item.model_input
+            if item.error is not None:
+                self._fail_chunks(
+                    ledger,
+                    range(model_input.first_sequence_number, model_input.last_sequence_number + 1),
+                    pb.CHUNK_ERROR_REASON_MODEL_FAILED,
+                    f"{slot.name} failed: {type(item.error).__name__}: {item.error}",
+                    slot.name,
+                )
+            else:
+                for result in item.results:
+                    result.model = slot.name
+                    result.modality = slot.modality
+                self._outbound.results.extend(item.results)
+                self._results_sent += len(item.results)
+            if model_input.completes_sequence_number is not None:
+                slot.completed_through = max(slot.completed_through, model_input.completes_sequence_number)
+        self._acknowledge(ledger)
+        self._wake_writer()
+
+    def _acknowledge(self, ledger: Ledger) -> None:
+        complete_through = min(slot.completed_through for slot in ledger.slots)
+        pending = ledger.pending
+        ack: pb.ChunkAck | None = None
+        while pending and pending[0] <= complete_through:
+            sequence_number = pending.popleft()
+            if sequence_number in ledger.errored:
+                ledger.errored.discard(sequence_number)
+                ack = None
+                continue
+            self._release_window()
+            ledger.acked += 1
+            if ack is None:
+                ack = self._outbound.acks.add(modality=ledger.modality, first_sequence_number=sequence_number)
+            ack.last_sequence_number = sequence_number
+
+    def _fail_chunks(
+        self, ledger: Ledger, sequence_numbers: Iterable[int], reason: int, message: str, model: str = ""
+    ) -> None:
+        """Answer pending chunks with an error; later acks skip them."""
+        pending = set(ledger.pending)
+        for sequence_number in sequence_numbers:
+            if sequence_number not in pending or sequence_number in ledger.errored:
+                continue
+            ledger.errored.add(sequence_number)
+            ledger.failed += 1
+            self._release_window()
+            self._outbound.errors.add(
+                modality=ledger.modality, sequence_number=sequence_number, reason=reason, message=message, model=model
+            )
+        self._acknowledge(ledger)
+        self._wake_writer()
+
+    def _add_error(self, modality: int, sequence_number: int, reason: int, message: str) -> None:
+        """Answer a chunk that never entered the ledger."""
+        ledger = self._ledgers.get(modality)
+        if ledger is not None:
+            ledger.received += 1
+            ledger.failed += 1
+        self._outbound.errors.add(modality=modality, sequence_number=sequence_number, reason=reason, message=message)
+        self._wake_writer()
+
+    def _release_window(self) -> None:
+        self._in_flight -= 1
+        self._window_open.set()
+
+    # -- writing --------------------------------------------------------------
+
+    def _wake_writer(self) -> None:
+        self._outbound_ready.set()
+
+    @property
+    def finished(self) -> bool:
+        """Input ended and every chunk is answered."""
+        if self.phase is not StreamPhase.INPUT_ENDED:
+            return False
+        return all(not ledger.pending and all(slot.idle for slot in ledger.slots) for ledger in self._ledgers.values())
+
+    async def responses(self) -> AsyncIterator[pb.StreamResponse]:
+        """Yield outbound messages until the stream is finished or failed."""
+        while True:
+            await self._outbound_ready.wait()
+            self._outbound_ready.clear()
+            if self.failure is not None:
+                return
+            outbound = self._outbound
+            if outbound.results or outbound.acks or outbound.errors:
+                self._outbound = pb.StreamResponse()
+                yield outbound
+            if self.finished:
+                yield pb.StreamResponse(stream_end=self._totals())
+                return
+
+    def _totals(self) -> pb.StreamEnd:
+        return pb.StreamEnd(
+            totals=[
+                pb.ModalityTotals(
+                    modality=ledger.modality,
+                    chunks_received=ledger.received,
+                    chunks_acked=ledger.acked,
+                    chunks_failed=ledger.failed,
+                )
+                for ledger in self._ledgers.values()
+            ],
+            results_sent=self._results_sent,
+        )
+
+    def close(self) -> None:
+        """Free the stream: queued items are dropped and states released."""
+        if self.phase is StreamPhase.CLOSED:
+            return
+        self.phase = StreamPhase.CLOSED
+        self.closed = True
+        for ledger in self._ledgers.values():
+            for slot in ledger.slots:
+                slot.done.clear()
+                slot.preprocess_state = None
+                slot.inference_state = None
+        self._window_open.set()
