@@ -40,7 +40,7 @@ lint-proto: node_modules/.bin/buf
 	node_modules/.bin/buf lint
 
 bench: $(STAMP)
-	$(BIN)/python -m streaminfer.server.bench
+	$(BIN)/python benchmarks/vad_streams.py
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache

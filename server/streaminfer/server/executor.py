@@ -54,6 +54,22 @@ class Executor:
         await self.decode.aclose()
         for runner in self.runners.values():
             await asyncio.to_thread(runner.stop)
+            stats = runner.stats
+            logger.info(
+                "model %s: %d batches, %d items, mean batch size %.1f, closed full %d, closed by delay %d, "
+                "inference %.2f s",
+                runner.config.name,
+                stats.batches,
+                stats.items,
+                stats.mean_batch_size(),
+                stats.closed_full,
+                stats.closed_delay,
+                stats.inference_seconds,
+            )
+        decode = self.decode.stats
+        logger.info(
+            "decode: %d jobs in %d pool calls, %.2f s busy", decode.jobs, decode.pool_calls, decode.busy_seconds
+        )
 
     def _deliver(self, items: list[WorkItem]) -> None:
         """Route a finished batch to its streams, one call per stream and model."""
@@ -62,4 +78,8 @@ class Executor:
             groups.setdefault(id(item.slot), []).append(item)
         for group in groups.values():
             owner = group[0].owner
-            owner.on_items_done(group[0].slot, group)  # type: ignore[attr-defined]
+            try:
+                owner.on_items_done(group[0].slot, group)  # type: ignore[attr-defined]
+            except Exception:
+                # One stream's bookkeeping bug must not stop delivery to the others.
+                logger.exception("stream %s: routing results failed", owner.options.stream_id)

@@ -486,17 +486,22 @@ class Session:
     async def responses(self) -> AsyncIterator[pb.StreamResponse]:
         """Yield outbound messages until the stream is finished or failed."""
         while True:
-            await self._outbound_ready.wait()
-            self._outbound_ready.clear()
+            outbound = self._outbound
+            pending = bool(outbound.results or outbound.acks or outbound.errors)
+            if not pending and not self.finished and self.failure is None:
+                await self._outbound_ready.wait()
+                self._outbound_ready.clear()
+                continue
             if self.failure is not None:
                 return
-            outbound = self._outbound
-            if outbound.results or outbound.acks or outbound.errors:
+            if pending:
+                # Results that arrive while this message is being written go
+                # into the next one; the loop checks again before ending.
                 self._outbound = pb.StreamResponse()
                 yield outbound
-            if self.finished:
-                yield pb.StreamResponse(stream_end=self._totals())
-                return
+                continue
+            yield pb.StreamResponse(stream_end=self._totals())
+            return
 
     def _totals(self) -> pb.StreamEnd:
         return pb.StreamEnd(

@@ -1,0 +1,390 @@
+"""Benchmark: concurrent real-time VAD streams against a local streaminfer server.
+
+Runs, in one invocation and on this machine:
+
+1. Real time: N streams, each sending one 16 kHz PCM16 chunk every
+   ``--chunk-ms`` milliseconds of real speech. Per-chunk latency is measured
+   from the chunk's scheduled send time to the ChunkAck that covers it, so a
+   slow server cannot hide its tail behind late sends.
+2. Saturation: streams sending long chunks as fast as their in-flight window
+   allows; the figure is 512-sample VAD windows processed per second.
+3. Raw model: Silero VAD's inner model called directly in a loop, with state,
+   at the mean batch size the server reached in step 2.
+
+Results go to stdout, to a JSON file and to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+import wave
+
+import numpy as np
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+SPEECH = REPO_ROOT / "media" / "audio" / "speech_sample.wav"
+VAD_RATE = 16_000
+WINDOW = 512
+
+
+def load_speech_16k() -> np.ndarray:
+    """The sample speech as 16 kHz PCM16, looped by the senders."""
+    with wave.open(str(SPEECH)) as file:
+        rate = file.getframerate()
+        samples = np.frombuffer(file.readframes(file.getnframes()), dtype="<i2")
+    # 48 kHz to 16 kHz by averaging groups of three; good enough for load.
+    factor = rate // VAD_RATE
+    samples = samples[: len(samples) // factor * factor].reshape(-1, factor).mean(axis=1)
+    return samples.astype("<i2")
+
+
+@dataclasses.dataclass
+class ServerProcess:
+    process: subprocess.Popen[str]
+    port: int
+    log: list[str]
+
+    def cpu_seconds(self) -> float:
+        fields = pathlib.Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    def stop(self) -> str:
+        self.process.terminate()
+        output, _ = self.process.communicate(timeout=60)
+        return "\n".join(self.log) + output
+
+
+def start_server(extra_args: list[str]) -> ServerProcess:
+    command = [sys.executable, "-m", "streaminfer.server.cli", "serve", "--port", "0", *extra_args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log: list[str] = []
+    deadline = time.monotonic() + 300
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError("server exited before listening:\n" + "\n".join(log))
+        log.append(line.rstrip())
+        match = re.match(r"streaminfer listening on \S+:(\d+)", line)
+        if match:
+            return ServerProcess(process, int(match.group(1)), log)
+    raise TimeoutError("server did not start within 300 s")
+
+
+def batch_stats(server_log: str, model: str) -> dict[str, float]:
+    match = re.search(
+        rf"model {model}: (\d+) batches, (\d+) items, mean batch size ([\d.]+), closed full (\d+), "
+        rf"closed by delay (\d+), inference ([\d.]+) s",
+        server_log,
+    )
+    if not match:
+        return {}
+    batches, items, mean, full, delay, inference = match.groups()
+    return {
+        "batches": int(batches),
+        "items": int(items),
+        "mean_batch_size": float(mean),
+        "closed_full": int(full),
+        "closed_by_delay": int(delay),
+        "inference_seconds": float(inference),
+    }
+
+
+async def open_vad_stream(stub, pb):
+    call = stub.Stream()
+    await call.write(
+        pb.StreamRequest(
+            config=pb.StreamConfig(
+                models=[pb.ModelSelection(model="silero_vad")],
+                audio_format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_LINEAR16, sample_rate_hertz=VAD_RATE),
+            )
+        )
+    )
+    accepted = await call.read()
+    return call, accepted.session_accepted
+
+
+async def realtime_load(target: str, streams: int, chunk_ms: int, warmup_s: float, measure_s: float) -> dict:
+    import grpc
+
+    from streaminfer.v1 import streaminfer_pb2 as pb
+    from streaminfer.v1 import streaminfer_pb2_grpc as pb_grpc
+
+    speech = load_speech_16k()
+    chunk_samples = VAD_RATE * chunk_ms // 1000
+    interval = chunk_ms / 1000.0
+    total_chunks = int((warmup_s + measure_s) / interval)
+    latencies: list[float] = []
+    errors = 0
+    lost = 0
+
+    async def one_stream(index: int, stub, start_at: float) -> None:
+        nonlocal errors, lost
+        call, _ = await open_vad_stream(stub, pb)
+        scheduled: dict[int, float] = {}
+        loop = asyncio.get_running_loop()
+        first = start_at + (index / streams) * interval
+
+        async def send() -> None:
+            for seq in range(total_chunks):
+                when = first + seq * interval
+                delay = when - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                offset = (seq * chunk_samples + index * 997) % (len(speech) - chunk_samples)
+                scheduled[seq] = when
+                await call.write(
+                    pb.StreamRequest(
+                        audio=pb.AudioChunk(
+                            sequence_number=seq, audio_content=speech[offset : offset + chunk_samples].tobytes()
+                        )
+                    )
+                )
+            await call.done_writing()
+
+        sender = asyncio.create_task(send())
+        answered = 0
+        measure_from = start_at + warmup_s
+        async for response in call:
+            now = loop.time()
+            for ack in response.acks:
+                for seq in range(ack.first_sequence_number, ack.last_sequence_number + 1):
+                    answered += 1
+                    when = scheduled.pop(seq)
+                    if when >= measure_from:
+                        latencies.append(now - when)
+            for error in response.errors:
+                answered += 1
+                errors += 1
+                scheduled.pop(error.sequence_number, None)
+        await sender
+        lost += total_chunks - answered
+
+    options = [("grpc.max_receive_message_length", 16 << 20)]
+    # Spread streams over several channels (HTTP/2 connections), as many
+    # independent clients would be.
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, streams // 50))]
+    stubs = [pb_grpc.InferenceServiceStub(channel) for channel in channels]
+    loop = asyncio.get_running_loop()
+    start_at = loop.time() + 1.0
+    usage_before = resource.getrusage(resource.RUSAGE_SELF)
+    await asyncio.gather(*(one_stream(i, stubs[i % len(stubs)], start_at) for i in range(streams)))
+    usage_after = resource.getrusage(resource.RUSAGE_SELF)
+    for channel in channels:
+        await channel.close()
+    values = np.array(latencies) * 1000.0
+    return {
+        "streams": streams,
+        "chunk_ms": chunk_ms,
+        "measured_seconds": measure_s,
+        "chunks_measured": int(len(values)),
+        "p50_ms": float(np.percentile(values, 50)) if len(values) else None,
+        "p90_ms": float(np.percentile(values, 90)) if len(values) else None,
+        "p99_ms": float(np.percentile(values, 99)) if len(values) else None,
+        "max_ms": float(values.max()) if len(values) else None,
+        "chunk_errors": errors,
+        "chunks_unanswered": lost,
+        "client_cpu_seconds": (usage_after.ru_utime + usage_after.ru_stime)
+        - (usage_before.ru_utime + usage_before.ru_stime),
+    }
+
+
+async def saturation_load(target: str, streams: int, chunk_windows: int, warmup_s: float, measure_s: float) -> dict:
+    import grpc
+
+    from streaminfer.v1 import streaminfer_pb2 as pb
+    from streaminfer.v1 import streaminfer_pb2_grpc as pb_grpc
+
+    speech = load_speech_16k()
+    chunk_samples = WINDOW * chunk_windows
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    measure_from, measure_to = start + warmup_s, start + warmup_s + measure_s
+    acked_in_window = 0
+
+    async def one_stream(index: int, stub) -> None:
+        nonlocal acked_in_window
+        call, accepted = await open_vad_stream(stub, pb)
+        window = asyncio.Semaphore(accepted.limits.max_chunks_in_flight)
+
+        async def send() -> None:
+            seq = 0
+            while loop.time() < measure_to:
+                await window.acquire()
+                offset = (seq * chunk_samples + index * 997) % (len(speech) - chunk_samples)
+                await call.write(
+                    pb.StreamRequest(
+                        audio=pb.AudioChunk(
+                            sequence_number=seq, audio_content=speech[offset : offset + chunk_samples].tobytes()
+                        )
+                    )
+                )
+                seq += 1
+            await call.done_writing()
+
+        sender = asyncio.create_task(send())
+        async for response in call:
+            now = loop.time()
+            for ack in response.acks:
+                count = ack.last_sequence_number - ack.first_sequence_number + 1
+                for _ in range(count):
+                    window.release()
+                if measure_from <= now < measure_to:
+                    acked_in_window += count
+            for _ in response.errors:
+                window.release()
+        await sender
+
+    channel = grpc.aio.insecure_channel(target)
+    stub = pb_grpc.InferenceServiceStub(channel)
+    await asyncio.gather(*(one_stream(i, stub) for i in range(streams)))
+    await channel.close()
+    return {
+        "streams": streams,
+        "windows_per_chunk": chunk_windows,
+        "measured_seconds": measure_s,
+        "windows_per_second": acked_in_window * chunk_windows / measure_s,
+    }
+
+
+def raw_model_throughput(batch_size: int, seconds: float, torch_threads: int) -> dict:
+    import torch
+    from silero_vad import load_silero_vad
+
+    torch.set_num_threads(torch_threads)
+    inner = load_silero_vad()._model
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((batch_size, 64 + WINDOW)).astype(np.float32) * 0.1)
+    state = torch.zeros(2, batch_size, 128)
+    iterations = 0
+    with torch.inference_mode():
+        for _ in range(5):
+            inner(x, state)
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            _, state = inner(x, state)
+            iterations += 1
+        elapsed = time.perf_counter() - started
+    return {"batch_size": batch_size, "windows_per_second": iterations * batch_size / elapsed, "torch_threads": torch_threads}
+
+
+def machine_description() -> str:
+    cpu = "unknown CPU"
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    memory_kb = int(pathlib.Path("/proc/meminfo").read_text().split()[1])
+    return f"{os.cpu_count()} cores ({cpu}), {memory_kb / 1024 / 1024:.0f} GiB, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, default=200, help="concurrent real-time streams (default: 200)")
+    parser.add_argument("--chunk-ms", type=int, default=32, help="audio per chunk, milliseconds (default: 32)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per phase (default: 10)")
+    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first (default: 3)")
+    parser.add_argument("--saturation-streams", type=int, default=128, help="streams in the saturation phase (default: 128)")
+    parser.add_argument(
+        "--saturation-windows", type=int, default=16, help="512-sample windows per chunk when saturating (default: 16)"
+    )
+    parser.add_argument("--json", type=pathlib.Path, default=REPO_ROOT / "bench-results" / "vad_streams.json")
+    parser.add_argument("--markdown", type=pathlib.Path, default=REPO_ROOT / "BENCHMARKS.md")
+    options = parser.parse_args()
+
+    import uvloop
+
+    report: dict = {"date": datetime.date.today().isoformat(), "machine": machine_description(), "command": " ".join(sys.argv)}
+
+    print(f"real time: {options.streams} streams x {options.chunk_ms} ms chunks, {options.seconds:.0f} s measured ...", flush=True)
+    server = start_server([])
+    cpu_before = server.cpu_seconds()
+    report["realtime"] = uvloop.run(
+        realtime_load(f"127.0.0.1:{server.port}", options.streams, options.chunk_ms, options.warmup, options.seconds)
+    )
+    report["realtime"]["server_cpu_seconds"] = server.cpu_seconds() - cpu_before
+    report["realtime"]["server_batches"] = batch_stats(server.stop(), "silero_vad")
+    print(json.dumps(report["realtime"], indent=2), flush=True)
+
+    print(f"saturation: {options.saturation_streams} streams x {options.saturation_windows} windows per chunk ...", flush=True)
+    server = start_server([])
+    cpu_before = server.cpu_seconds()
+    report["saturation"] = uvloop.run(
+        saturation_load(
+            f"127.0.0.1:{server.port}", options.saturation_streams, options.saturation_windows, options.warmup, options.seconds
+        )
+    )
+    report["saturation"]["server_cpu_seconds"] = server.cpu_seconds() - cpu_before
+    report["saturation"]["server_batches"] = batch_stats(server.stop(), "silero_vad")
+    print(json.dumps(report["saturation"], indent=2), flush=True)
+
+    batch = max(1, round(report["saturation"]["server_batches"].get("mean_batch_size", 1)))
+    torch_threads = max(1, (os.cpu_count() or 1) - 1)
+    print(f"raw model: batch {batch}, {torch_threads} torch thread(s) ...", flush=True)
+    report["raw_model"] = raw_model_throughput(batch, options.seconds / 2, torch_threads)
+    report["served_to_raw_ratio"] = report["saturation"]["windows_per_second"] / report["raw_model"]["windows_per_second"]
+    print(json.dumps(report["raw_model"], indent=2), flush=True)
+    print(f"served / raw throughput: {report['served_to_raw_ratio']:.2f}")
+
+    options.json.parent.mkdir(parents=True, exist_ok=True)
+    options.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(options.markdown, report)
+    print(f"wrote {options.json} and {options.markdown}")
+    return 0
+
+
+def write_markdown(path: pathlib.Path, report: dict) -> None:
+    realtime, saturation, raw = report["realtime"], report["saturation"], report["raw_model"]
+    rt_batches = realtime.get("server_batches", {})
+    sat_batches = saturation.get("server_batches", {})
+    seconds = realtime["measured_seconds"]
+    section = f"""## VAD streams (`make bench`)
+
+Date {report['date']}; machine: {report['machine']}. Client and server run on this one machine.
+Command: `{report['command']}`.
+
+Real time: {realtime['streams']} streams, one {realtime['chunk_ms']} ms 16 kHz PCM16 chunk per stream every
+{realtime['chunk_ms']} ms, Silero VAD; latency from each chunk's scheduled send time to its ChunkAck,
+over {seconds:.0f} s after a warm-up.
+
+| streams | chunks measured | p50 ms | p90 ms | p99 ms | max ms | chunk errors | unanswered | mean batch | server CPU % | client CPU % |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| {realtime['streams']} | {realtime['chunks_measured']} | {realtime['p50_ms']:.1f} | {realtime['p90_ms']:.1f} | {realtime['p99_ms']:.1f} | {realtime['max_ms']:.1f} | {realtime['chunk_errors']} | {realtime['chunks_unanswered']} | {rt_batches.get('mean_batch_size', float('nan')):.1f} | {100 * realtime['server_cpu_seconds'] / (seconds + 4):.0f} | {100 * realtime['client_cpu_seconds'] / (seconds + 4):.0f} |
+
+CPU % is CPU time over the phase's wall time (100 % = one core); the server figure includes model
+loading-free steady state only approximately, since the phase also spans warm-up and stream setup.
+
+Saturation: {saturation['streams']} streams sending {saturation['windows_per_chunk']}-window chunks as fast as their
+in-flight window allows, against Silero VAD's inner model called directly in a loop at the server's
+mean batch size, with {raw['torch_threads']} torch thread(s):
+
+| served windows/s | mean batch | raw model windows/s at that batch | served / raw |
+| --- | --- | --- | --- |
+| {saturation['windows_per_second']:.0f} | {sat_batches.get('mean_batch_size', float('nan')):.1f} | {raw['windows_per_second']:.0f} | {report['served_to_raw_ratio']:.2f} |
+"""
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nFigures measured on the machine named in each section.\n\n"
+    marker = "## VAD streams (`make bench`)"
+    if marker in text:
+        before, _, rest = text.partition(marker)
+        after = rest.split("\n## ", 1)
+        text = before + section + ("\n## " + after[1] if len(after) > 1 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
