@@ -73,9 +73,9 @@ class Executor:
 
     def _deliver(self, items: list[WorkItem]) -> None:
         """Route a finished batch to its streams, one call per stream and model."""
-        groups: dict[int, list[WorkItem]] = {}
+        groups: dict[tuple[int, int], list[WorkItem]] = {}
         for item in items:
-            groups.setdefault(id(item.slot), []).append(item)
+            groups.setdefault((id(item.owner), id(item.slot)), []).append(item)
         for group in groups.values():
             owner = group[0].owner
             try:

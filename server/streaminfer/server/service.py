@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator
 
 import grpc
 
+from streaminfer.server.batcher import ModelRunner, QueueFull, WorkItem
 from streaminfer.server.errors import StreaminferError
 from streaminfer.server.executor import Executor
-from streaminfer.server.models.base import set_duration
+from streaminfer.server.models.base import StreamOptions, set_duration
 from streaminfer.server.session import Session
 from streaminfer.v1 import streaminfer_pb2 as pb
 from streaminfer.v1 import streaminfer_pb2_grpc as pb_grpc
@@ -88,13 +90,15 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 f"model = {request.model!r} is not served; served models: {', '.join(self._executor.runners)}",
             )
         kind = request.WhichOneof("input")
+        if kind == "tensor":
+            return await self._infer_tensor(runner, request.tensor, context)
         modality = runner.model.info.modality
         expected = {pb.MODALITY_AUDIO: "audio_content", pb.MODALITY_VIDEO: "image_content", pb.MODALITY_TEXT: "text"}
-        if kind != expected.get(modality):
+        if kind != expected.get(modality, "tensor"):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"input = {kind or 'unset'} does not fit model {request.model!r}, which reads "
-                f"{pb.Modality.Name(modality)}: set {expected.get(modality)}",
+                f"{pb.Modality.Name(modality)}: set {expected.get(modality, 'tensor')}",
             )
         config = pb.StreamConfig(models=[pb.ModelSelection(model=request.model)])
         if request.HasField("audio_format"):
@@ -118,6 +122,40 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             return response
         finally:
             session.close()
+
+    async def _infer_tensor(
+        self, runner: ModelRunner, tensor: pb.Tensor, context: grpc.aio.ServicerContext
+    ) -> pb.InferResponse:
+        """Run a user model on one raw tensor through its batcher."""
+        input_from_tensor = getattr(runner.model, "input_from_tensor", None)
+        if input_from_tensor is None:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input = tensor does not fit model {runner.config.name!r}: raw tensors go to user models only "
+                "(kind torchscript or torch_export)",
+            )
+        try:
+            model_input = await self._executor.decode.run(input_from_tensor, tensor)
+        except ValueError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+        owner = _OneShot(StreamOptions(stream_id=f"infer-{secrets.token_hex(4)}", interim_results=False))
+        item = WorkItem(owner=owner, slot=None, model_input=model_input, index=0, inference_state=None, preprocess_state=None)
+        try:
+            runner.submit([item])
+            done = await owner.done
+        except QueueFull as error:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error}; retry later")
+        finally:
+            owner.closed = True
+        if done.error is not None:
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"model {runner.config.name!r} failed: {type(done.error).__name__}: {done.error}"
+            )
+        for result in done.results:
+            result.model = runner.config.name
+            result.modality = runner.model.info.modality
+        return pb.InferResponse(results=done.results)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[self._model_info(name) for name in self._executor.runners])
@@ -165,6 +203,19 @@ async def _one_shot_requests(request: pb.InferRequest, kind: str, max_chunk_byte
         yield pb.StreamRequest(frame=pb.VideoFrame(sequence_number=0, image_content=request.image_content))
     else:
         yield pb.StreamRequest(text=pb.TextChunk(sequence_number=0, text=request.text.encode()))
+
+
+class _OneShot:
+    """The owner of a single work item from a unary call."""
+
+    def __init__(self, options: StreamOptions) -> None:
+        self.closed = False
+        self.options = options
+        self.done: asyncio.Future[WorkItem] = asyncio.get_running_loop().create_future()
+
+    def on_items_done(self, slot: object, items: list[WorkItem]) -> None:
+        if not self.done.done():
+            self.done.set_result(items[0])
 
 
 def _log_reader_failure(task: asyncio.Task[None]) -> None:
