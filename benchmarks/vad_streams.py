@@ -158,7 +158,7 @@ async def realtime_load(target: str, streams: int, chunk_ms: int, warmup_s: floa
         sender = asyncio.create_task(send())
         answered = 0
         measure_from = start_at + warmup_s
-        async for response in call:
+        while (response := await call.read()) is not grpc.aio.EOF:
             now = loop.time()
             for ack in response.acks:
                 for seq in range(ack.first_sequence_number, ack.last_sequence_number + 1):
@@ -236,7 +236,7 @@ async def saturation_load(target: str, streams: int, chunk_windows: int, warmup_
             await call.done_writing()
 
         sender = asyncio.create_task(send())
-        async for response in call:
+        while (response := await call.read()) is not grpc.aio.EOF:
             now = loop.time()
             for ack in response.acks:
                 count = ack.last_sequence_number - ack.first_sequence_number + 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 
@@ -19,6 +20,9 @@ from streaminfer.v1 import streaminfer_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+# Allocations between young-generation collections (Python's default is 700).
+GC_YOUNG_THRESHOLD = 50_000
 
 # Room above the largest frame for the rest of the message.
 _MESSAGE_OVERHEAD_BYTES = 64 * 1024
@@ -38,6 +42,7 @@ class StreaminferServer:
     async def start(self) -> int:
         """Load models and start serving; return the bound port."""
         await self.executor.start()
+        _tune_garbage_collector()
         max_message = self.config.limits.max_frame_bytes + _MESSAGE_OVERHEAD_BYTES
         self._server = grpc.aio.server(
             options=[
@@ -76,6 +81,20 @@ class StreaminferServer:
     async def wait_for_termination(self) -> None:
         assert self._server is not None
         await self._server.wait_for_termination()
+
+
+def _tune_garbage_collector() -> None:
+    """Keep the cyclic collector off the hot path.
+
+    The loaded models leave millions of long-lived objects behind, and every
+    chunk allocates short-lived ones, so the default thresholds run full
+    collections over the model objects many times a second (seen with
+    py-spy at 200 streams). Freezing moves what exists now out of the
+    collector's view; the larger first threshold makes young collections rarer.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
 
 
 async def serve(config: ServerConfig, grace: float = 5.0) -> None:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import sys
 
 from streaminfer.server.config import ConfigError, default_config_text, load_config
@@ -26,6 +27,11 @@ def _serve(options: argparse.Namespace) -> int:
     config = dataclasses.replace(config, **{key: value for key, value in overrides.items() if value is not None})
 
     import uvloop
+
+    # Inference workers hand the GIL back and forth with the event loop many
+    # times per batch; at the default 5 ms switch interval each hand-off can
+    # stall a worker for that long while the loop is busy.
+    sys.setswitchinterval(float(os.environ.get("STREAMINFER_SWITCH_INTERVAL_S", "0.0005")))
 
     from streaminfer.server.app import serve
 

@@ -2,21 +2,22 @@
 
 The decode functions turn wire bytes into the arrays models read; they raise
 ChunkRejected with a message naming the field and value. DecodeStage runs
-them, and the models' preprocess steps, in a bounded thread pool. It hands the
-pool many small jobs in one call, because one thread hop per 32 ms audio
-chunk would cost more than the decoding itself.
+them, and the models' preprocess steps, on its own threads, so the event loop
+only reads, validates and routes messages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
-import concurrent.futures
 import dataclasses
+import itertools
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -25,6 +26,8 @@ from streaminfer.server.errors import ChunkRejected
 from streaminfer.v1 import streaminfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 INVALID = pb.CHUNK_ERROR_REASON_INVALID_ARGUMENT
 DECODE_FAILED = pb.CHUNK_ERROR_REASON_DECODE_FAILED
@@ -106,83 +109,96 @@ class TextDecoder:
 
 
 @dataclasses.dataclass(slots=True)
-class _Job:
-    function: Callable[..., Any]
-    args: tuple[Any, ...]
-    future: asyncio.Future[Any]
-
-
-@dataclasses.dataclass(slots=True)
 class DecodeStats:
     jobs: int = 0
-    pool_calls: int = 0
+    failed_jobs: int = 0
     busy_seconds: float = 0.0
 
 
 class DecodeStage:
-    """Runs decode and preprocess jobs in a thread pool, many per thread hop.
+    """Threads that decode and preprocess chunks, each stream pinned to one thread.
 
-    ``max_queue_size`` bounds the jobs waiting for the pool; a reader that
-    finds the queue full waits, which stops it reading its stream.
+    Pinning keeps a stream's chunks in order without any per-chunk await on
+    the event loop: the reader drops a job in its lane's queue and moves on,
+    and the decode thread submits the model inputs to the runners itself.
+
+    A lane's queue holds at most ``max_chunks_in_flight`` jobs per stream,
+    because a stream's reader stops at its in-flight window; flush and
+    end-of-input jobs add at most one more per stream.
     """
 
-    # Jobs handed to the pool in one call. Large enough to amortise the hop at
-    # thousands of chunks per second, small enough that one slow image decode
-    # does not hold many audio chunks behind it.
-    MAX_JOBS_PER_CALL = 32
-
-    def __init__(self, threads: int, max_queue_size: int = 4096) -> None:
-        self._threads = threads
-        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="streaminfer-decode")
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue(max_queue_size)
-        self._workers: list[asyncio.Task[None]] = []
+    def __init__(self, threads: int, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop
+        self._lanes: list[queue.SimpleQueue[Callable[[], None] | None]] = [queue.SimpleQueue() for _ in range(threads)]
+        self._threads = [
+            threading.Thread(target=self._work, args=(lane,), name=f"streaminfer-decode-{index}", daemon=True)
+            for index, lane in enumerate(self._lanes)
+        ]
+        self._next_lane = itertools.count()
         self.stats = DecodeStats()
 
+    @property
+    def lanes(self) -> int:
+        return len(self._lanes)
+
     def start(self) -> None:
-        for index in range(self._threads):
-            self._workers.append(asyncio.create_task(self._work(), name=f"decode-worker-{index}"))
+        for thread in self._threads:
+            thread.start()
 
     async def aclose(self) -> None:
-        for worker in self._workers:
-            worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        self._workers.clear()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for lane in self._lanes:
+            lane.put(None)
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join, 30)
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return sum(lane.qsize() for lane in self._lanes)
 
-    async def run(self, function: Callable[..., Any], *args: Any) -> Any:
-        """Run ``function(*args)`` in the pool and return its result or raise its error."""
-        future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Job(function, args, future))
+    def assign_lane(self) -> int:
+        """Return the lane for a new stream, round robin."""
+        return next(self._next_lane) % len(self._lanes)
+
+    def submit(self, lane: int, job: Callable[[], None]) -> None:
+        """Queue ``job`` on ``lane`` without blocking. Jobs of one lane run in order."""
+        self._lanes[lane].put(job)
+
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
+        """Run ``function(*args)`` on a decode thread and return its result or raise its error."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def job() -> None:
+            try:
+                result = function(*args)
+            except Exception as error:
+                loop.call_soon_threadsafe(_settle, future, None, error)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+        self.submit(self.assign_lane(), job)
         return await future
 
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _work(self, lane: queue.SimpleQueue[Callable[[], None] | None]) -> None:
         while True:
-            jobs = [await self._queue.get()]
-            while len(jobs) < self.MAX_JOBS_PER_CALL and not self._queue.empty():
-                jobs.append(self._queue.get_nowait())
-            outcomes = await loop.run_in_executor(self._pool, self._run_jobs, jobs)
-            for job, (ok, value) in zip(jobs, outcomes):
-                if job.future.done():
-                    continue  # the waiting reader was cancelled
-                if ok:
-                    job.future.set_result(value)
-                else:
-                    job.future.set_exception(value)
-
-    def _run_jobs(self, jobs: list[_Job]) -> list[tuple[bool, Any]]:
-        started = time.perf_counter()
-        outcomes: list[tuple[bool, Any]] = []
-        for job in jobs:
+            job = lane.get()
+            if job is None:
+                return
+            started = time.perf_counter()
             try:
-                outcomes.append((True, job.function(*job.args)))
-            except Exception as error:  # each job's error goes to its own caller
-                outcomes.append((False, error))
-        self.stats.jobs += len(jobs)
-        self.stats.pool_calls += 1
-        self.stats.busy_seconds += time.perf_counter() - started
-        return outcomes
+                job()
+            except Exception:
+                # Jobs report their own errors; reaching here is a bug in one.
+                self.stats.failed_jobs += 1
+                logger.exception("decode job failed")
+            self.stats.jobs += 1
+            self.stats.busy_seconds += time.perf_counter() - started
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return  # the caller was cancelled
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -68,7 +68,11 @@ class Executor:
             )
         decode = self.decode.stats
         logger.info(
-            "decode: %d jobs in %d pool calls, %.2f s busy", decode.jobs, decode.pool_calls, decode.busy_seconds
+            "decode: %d jobs on %d thread(s), %.2f s busy, %d failed",
+            decode.jobs,
+            self.decode.lanes,
+            decode.busy_seconds,
+            decode.failed_jobs,
         )
 
     def _deliver(self, items: list[WorkItem]) -> None:

@@ -1,10 +1,15 @@
 """One client stream: its config, its chunk ledger, and its outbound results.
 
-A Session is driven from the event loop by two tasks. The reader validates
-each client message, has it decoded and preprocessed in the decode stage and
-submits the model inputs to the models' runners. Runners hand finished items
-back through ``on_items_done``, which releases results in each stream's order,
+A Session lives on the event loop, with one part on a decode thread. The
+reader validates each client message and hands the chunk to the stream's
+decode thread, which decodes and preprocesses it and submits the model inputs
+to the models' runners. Runners hand finished items back on the loop through
+``on_items_done``, which releases results in each stream's order,
 acknowledges the chunks every model has completed, and wakes the writer.
+
+Thread ownership: the preprocess states, the audio sample count, the text
+decoder and each slot's ``next_index`` belong to the decode thread; every
+other field belongs to the loop.
 
 Every chunk is answered once: by a ChunkAck when every model of its modality
 has completed it, or by a ChunkError. The in-flight window
@@ -19,9 +24,10 @@ import asyncio
 import collections
 import dataclasses
 import enum
+import functools
 import logging
 import secrets
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from streaminfer.server.batcher import ModelRunner, QueueFull, WorkItem
@@ -121,6 +127,8 @@ class Session:
         self._audio_channels = max(1, config.audio_format.audio_channel_count)
         self._audio_samples = 0
         self._text_decoder = TextDecoder()
+        self._loop = asyncio.get_running_loop()
+        self._lane = executor.decode.assign_lane()
         self._in_flight = 0
         self._window_open = asyncio.Event()
         self._window_open.set()
@@ -228,7 +236,7 @@ class Session:
                 elif kind == "control":
                     action = request.control.action
                     if action == pb.CONTROL_ACTION_FLUSH:
-                        await self._flush()
+                        self._executor.decode.submit(self._lane, functools.partial(self._flush_job, False))
                     elif action == pb.CONTROL_ACTION_END_OF_INPUT:
                         break
                     else:
@@ -239,9 +247,7 @@ class Session:
                     raise FailedPrecondition("config was sent twice: only the first StreamRequest carries config")
                 else:
                     raise InvalidArgument("StreamRequest is empty: set one of config, audio, frame, text, control")
-            await self._flush()
-            self.phase = StreamPhase.INPUT_ENDED
-            self._wake_writer()
+            self._executor.decode.submit(self._lane, functools.partial(self._flush_job, True))
         except StreaminferError as error:
             self.failure = error
             self._wake_writer()
@@ -274,17 +280,48 @@ class Session:
         ledger.last_sequence_number = sequence_number
         ledger.received += 1
 
-        # 3. Decode and preprocess off the loop, then queue for the models.
+        # 3. Decode, preprocess and queue for the models on this stream's
+        # decode thread; the loop goes on reading.
         client_time = chunk.timestamp.ToTimedelta().total_seconds() if chunk.HasField("timestamp") else None
         content = chunk.audio_content if modality == pb.MODALITY_AUDIO else (
             chunk.image_content if modality == pb.MODALITY_VIDEO else chunk.text
         )
+        self._executor.decode.submit(
+            self._lane, functools.partial(self._decode_job, ledger, content, sequence_number, client_time)
+        )
+
+    def _decode_job(self, ledger: Ledger, content: bytes, sequence_number: int, client_time: float | None) -> None:
+        """Decode one chunk and queue its model inputs. Runs on the stream's decode thread."""
+        if self.closed:
+            return
         try:
-            prepared = await self._executor.decode.run(self._prepare, ledger, content, sequence_number, client_time)
+            prepared = self._prepare(ledger, content, sequence_number, client_time)
         except ChunkRejected as rejection:
-            self._fail_chunks(ledger, [sequence_number], rejection.reason, rejection.message)
+            self._call_on_loop(self._fail_chunks, ledger, [sequence_number], rejection.reason, rejection.message)
             return
         self._submit(ledger, prepared)
+
+    def _flush_job(self, ends_input: bool) -> None:
+        """Queue every model's buffered inputs. Runs on the stream's decode thread."""
+        if self.closed:
+            return
+        for ledger in self._ledgers.values():
+            if ledger.last_sequence_number is None:
+                continue
+            self._submit(ledger, self._prepare_flush(ledger))
+        if ends_input:
+            # Scheduled after the flushed items were submitted, so the loop
+            # cannot see the stream as finished before their results arrive.
+            self._call_on_loop(self._end_input)
+
+    def _end_input(self) -> None:
+        if self.phase is StreamPhase.STREAMING:
+            self.phase = StreamPhase.INPUT_ENDED
+        self._wake_writer()
+
+    def _call_on_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        if not self.closed:
+            self._loop.call_soon_threadsafe(callback, *args)
 
     def _check_chunk(
         self, modality: int, field: str, chunk: Any, ledger: Ledger | None
@@ -351,14 +388,8 @@ class Session:
             (slot, slot.runner.model.flush(slot.preprocess_state, ledger.last_sequence_number)) for slot in ledger.slots
         ]
 
-    async def _flush(self) -> None:
-        for ledger in self._ledgers.values():
-            if ledger.last_sequence_number is None:
-                continue
-            prepared = await self._executor.decode.run(self._prepare_flush, ledger)
-            self._submit(ledger, prepared)
-
     def _submit(self, ledger: Ledger, prepared: Iterable[tuple[ModelSlot, list[ModelInput]]]) -> None:
+        """Queue model inputs on their runners. Runs on the stream's decode thread."""
         for slot, inputs in prepared:
             if not inputs:
                 continue
@@ -378,7 +409,8 @@ class Session:
                 slot.runner.submit(items)
             except QueueFull as error:
                 sequence_numbers = range(inputs[0].first_sequence_number, inputs[-1].last_sequence_number + 1)
-                self._fail_chunks(
+                self._call_on_loop(
+                    self._fail_chunks,
                     ledger,
                     sequence_numbers,
                     pb.CHUNK_ERROR_REASON_OVERFLOW,
@@ -389,7 +421,7 @@ class Session:
                 # chunk's leftovers, so the next window may start mid-chunk.
                 completes = inputs[-1].completes_sequence_number
                 if completes is not None:
-                    slot.completed_through = max(slot.completed_through, completes)
+                    self._call_on_loop(self._complete_through, slot, completes)
                 continue
             slot.next_index += len(items)
 
@@ -423,6 +455,11 @@ class Session:
             if model_input.completes_sequence_number is not None:
                 slot.completed_through = max(slot.completed_through, model_input.completes_sequence_number)
         self._acknowledge(ledger)
+        self._wake_writer()
+
+    def _complete_through(self, slot: ModelSlot, sequence_number: int) -> None:
+        slot.completed_through = max(slot.completed_through, sequence_number)
+        self._acknowledge(self._ledgers[slot.modality])
         self._wake_writer()
 
     def _acknowledge(self, ledger: Ledger) -> None:
