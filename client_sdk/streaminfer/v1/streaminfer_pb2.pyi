@@ -456,15 +456,21 @@ class StreamControl(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ACTION_FIELD_NUMBER: _builtins.int
+    MODALITY_FIELD_NUMBER: _builtins.int
     action: Global___ControlAction.ValueType
+    modality: Global___Modality.ValueType
+    """For CONTROL_ACTION_FLUSH: the modality to flush, for example the audio
+    when an audio source ends while text goes on. Unspecified flushes all.
+    """
     def __init__(
         self,
         *,
         action: Global___ControlAction.ValueType = ...,
+        modality: Global___Modality.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "modality", b"modality"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

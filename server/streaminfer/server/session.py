@@ -236,7 +236,9 @@ class Session:
                 elif kind == "control":
                     action = request.control.action
                     if action == pb.CONTROL_ACTION_FLUSH:
-                        self._executor.decode.submit(self._lane, functools.partial(self._flush_job, False))
+                        self._executor.decode.submit(
+                            self._lane, functools.partial(self._flush_job, False, request.control.modality)
+                        )
                     elif action == pb.CONTROL_ACTION_END_OF_INPUT:
                         break
                     else:
@@ -301,12 +303,14 @@ class Session:
             return
         self._submit(ledger, prepared)
 
-    def _flush_job(self, ends_input: bool) -> None:
-        """Queue every model's buffered inputs. Runs on the stream's decode thread."""
+    def _flush_job(self, ends_input: bool, modality: int = pb.MODALITY_UNSPECIFIED) -> None:
+        """Queue the models' buffered inputs, of one modality or all. Runs on the stream's decode thread."""
         if self.closed:
             return
         for ledger in self._ledgers.values():
             if ledger.last_sequence_number is None:
+                continue
+            if modality not in (pb.MODALITY_UNSPECIFIED, ledger.modality):
                 continue
             self._submit(ledger, self._prepare_flush(ledger))
         if ends_input:

@@ -1,0 +1,143 @@
+"""Stream configuration in plain Python terms, converted to ``StreamConfig``."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Iterable
+
+from streaminfer.v1 import streaminfer_pb2 as pb
+
+__all__ = ["AudioFormat", "Modality", "VideoFormat", "stream_config"]
+
+
+class Modality(enum.IntEnum):
+    """The kind of media a chunk carries; values equal ``streaminfer.v1.Modality``."""
+
+    UNSPECIFIED = pb.MODALITY_UNSPECIFIED
+    AUDIO = pb.MODALITY_AUDIO
+    VIDEO = pb.MODALITY_VIDEO
+    TEXT = pb.MODALITY_TEXT
+
+    @classmethod
+    def parse(cls, value: Modality | str | int) -> Modality:
+        """Convert ``"audio"``, ``Modality.AUDIO`` or ``1`` to a ``Modality``."""
+        if isinstance(value, str):
+            try:
+                return cls[value.upper()]
+            except KeyError:
+                raise ValueError(f"modality {value!r} is invalid: expected audio, video or text") from None
+        return cls(value)
+
+    @property
+    def label(self) -> str:
+        """Lower-case name, as the CLI prints it."""
+        return self.name.lower()
+
+
+_AUDIO_ENCODINGS = {
+    "linear16": pb.AUDIO_ENCODING_LINEAR16,
+    "float32": pb.AUDIO_ENCODING_FLOAT32,
+}
+_IMAGE_ENCODINGS = {
+    "jpeg": pb.IMAGE_ENCODING_JPEG,
+    "png": pb.IMAGE_ENCODING_PNG,
+    "raw_rgb24": pb.IMAGE_ENCODING_RAW_RGB24,
+    "raw_bgr24": pb.IMAGE_ENCODING_RAW_BGR24,
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AudioFormat:
+    """Audio sample format of a stream or of one ``infer`` call."""
+
+    sample_rate_hertz: int
+    # Interleaved channels; the server averages them to mono.
+    channel_count: int = 1
+    # "linear16" (signed 16-bit little-endian) or "float32" (little-endian, -1.0 to 1.0).
+    encoding: str = "linear16"
+
+    def __post_init__(self) -> None:
+        if self.sample_rate_hertz <= 0:
+            raise ValueError(f"sample_rate_hertz = {self.sample_rate_hertz!r} is invalid: expected hertz > 0")
+        if self.channel_count <= 0:
+            raise ValueError(f"channel_count = {self.channel_count!r} is invalid: expected 1 or more")
+        if self.encoding not in _AUDIO_ENCODINGS:
+            raise ValueError(
+                f"audio encoding {self.encoding!r} is invalid: expected one of {', '.join(_AUDIO_ENCODINGS)}"
+            )
+
+    @property
+    def bytes_per_second(self) -> int:
+        sample_bytes = 2 if self.encoding == "linear16" else 4
+        return self.sample_rate_hertz * self.channel_count * sample_bytes
+
+    def to_proto(self) -> pb.AudioFormat:
+        return pb.AudioFormat(
+            encoding=_AUDIO_ENCODINGS[self.encoding],
+            sample_rate_hertz=self.sample_rate_hertz,
+            audio_channel_count=self.channel_count,
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VideoFormat:
+    """Image format of a stream's frames or of one ``infer`` image."""
+
+    # "jpeg", "png", "raw_rgb24" or "raw_bgr24".
+    encoding: str = "jpeg"
+    # Frame size in pixels; required for raw encodings, ignored otherwise.
+    width: int = 0
+    height: int = 0
+
+    def __post_init__(self) -> None:
+        if self.encoding not in _IMAGE_ENCODINGS:
+            raise ValueError(
+                f"image encoding {self.encoding!r} is invalid: expected one of {', '.join(_IMAGE_ENCODINGS)}"
+            )
+        if self.encoding.startswith("raw_") and (self.width <= 0 or self.height <= 0):
+            raise ValueError(
+                f"{self.encoding} frames of {self.width}x{self.height} pixels are invalid: "
+                "raw encodings need width and height > 0"
+            )
+
+    def to_proto(self) -> pb.VideoFormat:
+        return pb.VideoFormat(encoding=_IMAGE_ENCODINGS[self.encoding], width=self.width, height=self.height)
+
+
+ModelSpec = str | tuple[str, Modality | str]
+
+
+def stream_config(
+    models: Iterable[ModelSpec],
+    *,
+    audio: AudioFormat | None = None,
+    video: VideoFormat | None = None,
+    interim_results: bool = False,
+    label: str = "",
+) -> pb.StreamConfig:
+    """Build the first message of a stream.
+
+    ``models`` holds model names (each runs on its own modality) or
+    ``(name, modality)`` pairs. ``audio`` is required when an audio model is
+    selected and ``video`` when a video model is; the server rejects the
+    stream otherwise.
+    """
+    selections = []
+    for spec in models:
+        if isinstance(spec, str):
+            name, modality = spec, Modality.UNSPECIFIED
+        else:
+            name, modality = spec[0], Modality.parse(spec[1])
+        if not name:
+            raise ValueError("model name '' is invalid: expected a name from list_models")
+        selections.append(pb.ModelSelection(model=name, modality=int(modality)))
+    if not selections:
+        raise ValueError("models is empty: a stream needs at least one model")
+
+    config = pb.StreamConfig(models=selections, interim_results=interim_results, label=label)
+    if audio is not None:
+        config.audio_format.CopyFrom(audio.to_proto())
+    if video is not None:
+        config.video_format.CopyFrom(video.to_proto())
+    return config

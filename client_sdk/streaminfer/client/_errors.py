@@ -1,0 +1,149 @@
+"""The SDK's exception tree and its one mapping from gRPC status codes.
+
+::
+
+    StreaminferError                 .code, .details, .retryable
+    ├── RpcError                     the server or the channel ended a call
+    │   ├── InvalidArgumentError     INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE
+    │   ├── NotFoundError            NOT_FOUND
+    │   ├── AlreadyExistsError       ALREADY_EXISTS
+    │   ├── PermissionDeniedError    PERMISSION_DENIED, UNAUTHENTICATED
+    │   ├── ResourceExhaustedError   RESOURCE_EXHAUSTED (retryable)
+    │   ├── UnavailableError         UNAVAILABLE, ABORTED (retryable)
+    │   ├── DeadlineExceededError    DEADLINE_EXCEEDED
+    │   ├── CallCancelledError       CANCELLED
+    │   ├── UnimplementedError       UNIMPLEMENTED
+    │   └── InternalError            INTERNAL, UNKNOWN, DATA_LOSS
+    └── StreamStateError             a stream method called in the wrong state
+
+``RETRYABLE_CODES`` is the same table's retryable column; the channel's retry
+policy for unary calls is built from it.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+__all__ = [
+    "AlreadyExistsError",
+    "CallCancelledError",
+    "DeadlineExceededError",
+    "InternalError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RETRYABLE_CODES",
+    "ResourceExhaustedError",
+    "RpcError",
+    "StreamStateError",
+    "StreaminferError",
+    "UnavailableError",
+    "UnimplementedError",
+    "error_from_rpc_error",
+]
+
+
+class StreaminferError(Exception):
+    """Base class of every error the SDK raises.
+
+    ``code`` is the gRPC status code, or None for errors raised in the client
+    without a call ending. ``details`` is the server's message. ``retryable``
+    is True when the same request may succeed if sent again later.
+    """
+
+    def __init__(self, details: str, code: grpc.StatusCode | None = None, *, retryable: bool = False) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+        self.retryable = retryable
+
+    def __str__(self) -> str:
+        if self.code is None:
+            return self.details
+        return f"{self.code.name}: {self.details}"
+
+
+class RpcError(StreaminferError):
+    """A call that ended with a non-OK gRPC status."""
+
+
+class InvalidArgumentError(RpcError):
+    """The server rejected the request's content, or a stream message out of order."""
+
+
+class NotFoundError(RpcError):
+    """The named model or resource does not exist."""
+
+
+class AlreadyExistsError(RpcError):
+    """The resource the request creates already exists."""
+
+
+class PermissionDeniedError(RpcError):
+    """The caller is not authenticated or not allowed to make the request."""
+
+
+class ResourceExhaustedError(RpcError):
+    """The server is at a limit (streams, queue size, message size); retry later."""
+
+
+class UnavailableError(RpcError):
+    """The server could not be reached or is shutting down; retry later."""
+
+
+class DeadlineExceededError(RpcError):
+    """The call ran past its deadline."""
+
+
+class CallCancelledError(RpcError):
+    """The call was cancelled, by the client or the server."""
+
+
+class UnimplementedError(RpcError):
+    """The server does not implement the method."""
+
+
+class InternalError(RpcError):
+    """The server failed while handling the request."""
+
+
+class StreamStateError(StreaminferError):
+    """A stream method was called in a state that does not allow it.
+
+    For example ``send_audio`` after ``end_input``. The message names the
+    expected and the actual state.
+    """
+
+
+# The one table from status code to exception class and retryability.
+# DEADLINE_EXCEEDED is not retryable because the caller's own deadline ran out.
+_ERRORS_BY_CODE: dict[grpc.StatusCode, tuple[type[RpcError], bool]] = {
+    grpc.StatusCode.CANCELLED: (CallCancelledError, False),
+    grpc.StatusCode.UNKNOWN: (InternalError, False),
+    grpc.StatusCode.INVALID_ARGUMENT: (InvalidArgumentError, False),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (DeadlineExceededError, False),
+    grpc.StatusCode.NOT_FOUND: (NotFoundError, False),
+    grpc.StatusCode.ALREADY_EXISTS: (AlreadyExistsError, False),
+    grpc.StatusCode.PERMISSION_DENIED: (PermissionDeniedError, False),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (ResourceExhaustedError, True),
+    grpc.StatusCode.FAILED_PRECONDITION: (InvalidArgumentError, False),
+    grpc.StatusCode.ABORTED: (UnavailableError, True),
+    grpc.StatusCode.OUT_OF_RANGE: (InvalidArgumentError, False),
+    grpc.StatusCode.UNIMPLEMENTED: (UnimplementedError, False),
+    grpc.StatusCode.INTERNAL: (InternalError, False),
+    grpc.StatusCode.UNAVAILABLE: (UnavailableError, True),
+    grpc.StatusCode.DATA_LOSS: (InternalError, False),
+    grpc.StatusCode.UNAUTHENTICATED: (PermissionDeniedError, False),
+}
+
+RETRYABLE_CODES: frozenset[grpc.StatusCode] = frozenset(
+    code for code, (_, retryable) in _ERRORS_BY_CODE.items() if retryable
+)
+
+
+def error_from_rpc_error(error: grpc.RpcError) -> RpcError:
+    """Build the SDK exception for a failed call; the caller chains it with ``from``."""
+    code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = error.details() if callable(getattr(error, "details", None)) else str(error)
+    cls, retryable = _ERRORS_BY_CODE.get(code, (InternalError, False))
+    return cls(details or "no details from the server", code, retryable=retryable)

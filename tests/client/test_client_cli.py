@@ -1,0 +1,260 @@
+"""The streaminfer-client command and its text and JSON output."""
+
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+from client_fakes import FakeServer, write_wav
+
+from streaminfer.client import ChunkFailed, ChunksAcked, Modality, Result, StreamEnded
+from streaminfer.client._output import event_json, format_event, summary_json, summary_lines
+from streaminfer.client._tracker import ChunkTracker
+from streaminfer.client.cli import main
+from streaminfer.v1 import streaminfer_pb2 as pb
+
+
+def _result(model: str, modality: int, first: int, last: int) -> pb.StreamResult:
+    return pb.StreamResult(
+        model=model, modality=modality, first_sequence_number=first, last_sequence_number=last, is_final=True
+    )
+
+
+def _speech(event_type: int, start: float, end: float, probability: float) -> Result:
+    result = _result("silero_vad", pb.MODALITY_AUDIO, 14, 14)
+    result.start_time.FromNanoseconds(round(start * 1e9))
+    result.end_time.FromNanoseconds(round(end * 1e9))
+    result.speech.event_type = event_type
+    result.speech.speech_probability = probability
+    return Result(result)
+
+
+def test_format_speech_events() -> None:
+    start = _speech(pb.SPEECH_EVENT_TYPE_SPEECH_START, 0.42, 0.45, 0.93)
+    end = _speech(pb.SPEECH_EVENT_TYPE_SPEECH_END, 0.42, 1.3, 0.88)
+
+    assert format_event(start) == "[audio 0.42s] silero_vad speech start p=0.93"
+    assert format_event(end) == "[audio 0.42s] silero_vad speech end 0.42-1.30s p=0.88"
+
+
+def test_format_interim_activity() -> None:
+    event = _speech(pb.SPEECH_EVENT_TYPE_ACTIVITY, 0.0, 0.032, 0.1)
+    event.proto.is_final = False
+
+    assert format_event(event) == "[audio 0.00s] silero_vad activity p=0.10 (interim)"
+
+
+def test_format_detections() -> None:
+    result = _result("hog_people", pb.MODALITY_VIDEO, 12, 12)
+    for _ in range(3):
+        result.detections.detections.add(label="person", score=1.5)
+    empty = _result("haar_faces", pb.MODALITY_VIDEO, 12, 12)
+    empty.detections.SetInParent()
+
+    assert format_event(Result(result)) == "[video frame 12] hog_people 3 person(s)"
+    assert format_event(Result(empty)) == "[video frame 12] haar_faces 0 detections"
+
+
+def test_format_embedding_excerpt() -> None:
+    result = _result("minilm_embedding", pb.MODALITY_TEXT, 2, 3)
+    result.embedding.values.extend([0.0] * 384)
+    result.embedding.text = (
+        "The GNU General Public License is a free,\n copyleft license for software and other kinds of works."
+    )
+
+    line = format_event(Result(result))
+
+    assert line == '[text #2-3] minilm_embedding 384-d "The GNU General Public License is a free, copyleft licens..."'
+
+
+def test_format_chunk_error_and_silent_events() -> None:
+    chunk_error = pb.ChunkError(
+        modality=pb.MODALITY_VIDEO,
+        sequence_number=7,
+        reason=pb.CHUNK_ERROR_REASON_DEADLINE,
+        message="queued 2.1 s, over the 2 s deadline",
+        model="hog_people",
+    )
+    error = ChunkFailed(chunk_error, 2.1)
+    ack_proto = pb.ChunkAck(modality=pb.MODALITY_AUDIO, first_sequence_number=1, last_sequence_number=1)
+    ack = ChunksAcked(ack_proto, ((1, 0.01),))
+
+    expected = "[video frame 7] chunk failed: DEADLINE (hog_people): queued 2.1 s, over the 2 s deadline"
+    assert format_event(error) == expected
+    assert format_event(ack) is None
+    assert format_event(StreamEnded(pb.StreamEnd())) is None
+
+
+def test_event_json_lines() -> None:
+    ack_proto = pb.ChunkAck(modality=pb.MODALITY_AUDIO, first_sequence_number=1, last_sequence_number=2)
+    ack = ChunksAcked(ack_proto, ((1, 0.0125), (2, 0.002)))
+    error_proto = pb.ChunkError(modality=pb.MODALITY_TEXT, sequence_number=3, reason=pb.CHUNK_ERROR_REASON_TOO_LARGE)
+    error = ChunkFailed(error_proto, None)
+    result = _speech(pb.SPEECH_EVENT_TYPE_SPEECH_START, 0.5, 0.5, 0.75)
+
+    ack_data = json.loads(event_json(ack))
+    error_data = json.loads(event_json(error))
+    result_data = json.loads(event_json(result))
+
+    assert "\n" not in event_json(result)
+    assert ack_data == {
+        "event": "ack",
+        "ack": {"modality": "MODALITY_AUDIO", "firstSequenceNumber": "1", "lastSequenceNumber": "2"},
+        "latencyMs": {"1": 12.5, "2": 2.0},
+    }
+    assert error_data["event"] == "chunkError"
+    assert error_data["error"]["reason"] == "CHUNK_ERROR_REASON_TOO_LARGE"
+    assert error_data["latencyMs"] is None
+    assert result_data["event"] == "result"
+    assert result_data["result"]["speech"] == {"eventType": "SPEECH_EVENT_TYPE_SPEECH_START", "speechProbability": 0.75}
+    assert result_data["result"]["startTime"] == "0.500s"
+
+
+def _stats_fixture() -> ChunkTracker:
+    tracker = ChunkTracker(max_in_flight=0)
+    for index in range(4):
+        number = tracker.reserve(Modality.AUDIO)
+        tracker.mark_sent(Modality.AUDIO, number, float(index))
+        tracker.ack(Modality.AUDIO, number, number, index + 0.010 * (index + 1))
+    number = tracker.reserve(Modality.VIDEO)
+    tracker.mark_sent(Modality.VIDEO, number, 0.0)
+    tracker.fail(Modality.VIDEO, number, "DEADLINE", 0.5)
+    tracker.stats.results_by_model.update({"silero_vad": 2, "hog_people": 0})
+    return tracker
+
+
+def test_summary_lines() -> None:
+    stats = _stats_fixture().stats
+    end = pb.StreamEnd(totals=[pb.ModalityTotals(modality=pb.MODALITY_AUDIO, chunks_received=4, chunks_acked=4)])
+
+    lines = summary_lines("s-1", stats, end)
+
+    assert lines[0] == "summary of stream s-1:"
+    assert lines[1] == "  audio  sent 4, acked 4, failed 0; latency p50 20.0 ms, p99 40.0 ms per chunk"
+    assert lines[2] == "  video  sent 1, acked 0, failed 1 (DEADLINE 1); latency p50 500.0 ms, p99 500.0 ms per chunk"
+    assert lines[3].startswith("  all    latency p50 ")
+    assert "silero_vad 2" in lines[4]
+    assert not any("server counted differently" in line for line in lines)
+
+
+def test_summary_reports_server_mismatch() -> None:
+    stats = _stats_fixture().stats
+    end = pb.StreamEnd(totals=[pb.ModalityTotals(modality=pb.MODALITY_AUDIO, chunks_received=5, chunks_acked=4)])
+
+    lines = summary_lines("s-1", stats, end)
+
+    assert lines[-1] == "  server counted differently: audio received 5, acked 4, failed 0"
+
+
+def test_summary_json() -> None:
+    data = json.loads(summary_json("s-1", _stats_fixture().stats))
+
+    assert data["event"] == "summary"
+    assert data["modalities"]["audio"]["acked"] == 4
+    assert data["modalities"]["audio"]["latencyP50Ms"] == 20.0
+    assert data["modalities"]["video"]["failuresByReason"] == {"DEADLINE": 1}
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["stream", "--help"], ["models", "--help"], ["infer", "--help"]])
+def test_cli_help_runs(argv: list[str]) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "streaminfer.client.cli", *argv], capture_output=True, text=True, timeout=60
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert "usage: streaminfer-client" in completed.stdout
+
+
+def test_stream_help_states_units_and_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["stream", "--help"])
+
+    text = " ".join(capsys.readouterr().out.split())
+    assert exited.value.code == 0
+    assert "milliseconds (default 32)" in text
+    assert "default 127.0.0.1:50051" in text
+    assert "0 is as fast as the in-flight window allows (default 1)" in text
+    assert "silero_vad for audio, hog_people and haar_faces for video, minilm_embedding for text" in text
+
+
+def test_cli_nothing_to_stream(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stream"]) == 2
+    assert "give at least one of --audio, --video or --text" in capsys.readouterr().err
+
+
+def test_cli_missing_file(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path) -> None:
+    assert main(["stream", "--audio", str(tmp_path / "absent.wav")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert "absent.wav" in error
+
+
+def test_cli_rpc_failure_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    assert main(["models", "--target", f"127.0.0.1:{port}"]) == 1
+
+    error = capsys.readouterr().err
+    assert error.startswith("streaminfer-client: error: UNAVAILABLE: ")
+    assert error.count("\n") == 1
+
+
+def test_cli_stream_json_against_fake(tmp_path: pathlib.Path) -> None:
+    wav = tmp_path / "speech.wav"
+    write_wav(wav, rate=16000, channels=1, frames=16000)
+    text = tmp_path / "notes.txt"
+    text.write_text("First line.\nbad line\nLast line.\n", encoding="utf-8")
+    out = io.StringIO()
+
+    with FakeServer(window=4) as server:
+        status = main(
+            ["stream", "--target", server.target, "--audio", str(wav), "--text", str(text), "--speed", "0", "--json"],
+            out=out,
+        )
+
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert status == 0
+    assert lines[0]["event"] == "sessionAccepted"
+    assert lines[-1]["event"] == "summary"
+    assert lines[-2]["event"] == "streamEnd"
+    summary = lines[-1]
+    assert summary["modalities"]["audio"] == {**summary["modalities"]["audio"], "sent": 32, "acked": 32, "failed": 0}
+    assert summary["modalities"]["text"]["failed"] == 1
+    config = server.service.stream_requests
+    assert config, "the fake server saw no chunks"
+
+
+def test_cli_stream_text_output_against_fake(tmp_path: pathlib.Path) -> None:
+    wav = tmp_path / "speech.wav"
+    write_wav(wav, rate=48000, channels=2, frames=4800)
+    out = io.StringIO()
+
+    with FakeServer(window=4) as server:
+        status = main(["stream", "--target", server.target, "--audio", str(wav), "--speed", "0"], out=out)
+
+    lines = out.getvalue().splitlines()
+    assert status == 0
+    assert lines[0] == "[audio #1] silero_vad activity p=0.25"
+    assert "summary of stream grpc-fake:" in lines
+    assert any(line.startswith("  audio  sent 4, acked 4, failed 0; latency p50 ") for line in lines)
+
+
+def test_cli_models_and_infer_against_fake(capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeServer() as server:
+        assert main(["models", "--target", server.target]) == 0
+        models_out = capsys.readouterr().out
+        assert main(["models", "nope", "--target", server.target]) == 1
+        not_found = capsys.readouterr().err
+        assert main(["infer", "--target", server.target, "--model", "minilm_embedding", "--text", "Hi."]) == 0
+        infer_out = capsys.readouterr().out
+
+    assert models_out.splitlines()[0].startswith("silero_vad           audio  cpu")
+    assert not_found.startswith("streaminfer-client: error: NOT_FOUND: model 'nope' not found")
+    assert infer_out == '[infer] minilm_embedding 4-d "Hi."\n'
