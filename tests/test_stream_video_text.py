@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
@@ -66,6 +67,18 @@ def test_blank_frame_has_no_detections(channel) -> None:
         found = detections_by_frame(outcome, model)
         assert list(found) == [0], f"{model} gave no result for the frame"
         assert len(found[0].detections) == 0
+
+
+def test_face_found_in_photograph(channel) -> None:
+    image = cv2.imread(str(MEDIA / "video" / "messi5.jpg"))
+
+    outcome = run_stream(channel, video_config("haar_faces"), frame_requests([image]))
+
+    faces = detections_by_frame(outcome, "haar_faces")[0].detections
+    assert 1 <= len(faces) <= 3
+    assert all(face.label == "face" for face in faces)
+    # The player facing the camera: his face spans about x 226-264, y 94-132.
+    assert any(210 <= face.box.x <= 240 and 80 <= face.box.y <= 110 and 25 <= face.box.width <= 60 for face in faces), faces
 
 
 @pytest.fixture(scope="module")

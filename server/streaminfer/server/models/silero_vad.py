@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 SAMPLE_RATE_HERTZ = 16_000
 WINDOW_SAMPLES = 512
 CONTEXT_SAMPLES = 64
-LSTM_STATE_SHAPE = (2, 1, 128)
+# One stream's LSTM state: (layers, hidden size); batches stack it on axis 1.
+LSTM_STATE_SHAPE = (2, 128)
 
 # get_speech_timestamps defaults, in 16 kHz samples where they are durations.
 THRESHOLD = 0.5
@@ -301,8 +302,10 @@ class _OpenSegment:
 class VadStreamState:
     """One stream's model state and speech-segment state machine."""
 
-    lstm_state: torch.Tensor
-    context: torch.Tensor
+    # Kept as numpy arrays on the host: gathering and scattering them costs no
+    # torch calls, each of which would hand the GIL to the busy event loop.
+    lstm_state: np.ndarray
+    context: np.ndarray
     segment: _OpenSegment | None = None
     # Padded end of the last segment, in 16 kHz samples. The next segment's padded start is clamped to it.
     previous_segment_end: int = 0
@@ -345,8 +348,8 @@ class SileroVadModel(Model):
 
     def new_inference_state(self, options: StreamOptions) -> VadStreamState:
         return VadStreamState(
-            lstm_state=torch.zeros(LSTM_STATE_SHAPE, device=self._device),
-            context=torch.zeros((1, CONTEXT_SAMPLES), device=self._device),
+            lstm_state=np.zeros(LSTM_STATE_SHAPE, dtype=np.float32),
+            context=np.zeros(CONTEXT_SAMPLES, dtype=np.float32),
         )
 
     # -- preprocess (decode pool) ---------------------------------------------
@@ -405,20 +408,30 @@ class SileroVadModel(Model):
         if not rows:
             return outputs
 
-        # 1. Gather: each row is the stream's 64-sample context, then its window.
-        windows = torch.from_numpy(np.stack([inputs[index].data.samples for index in rows])).to(self._device)
-        context = torch.cat([states[index].context for index in rows])
-        lstm_state = torch.cat([states[index].lstm_state for index in rows], dim=1)
-        x = torch.cat((context, windows), dim=1)
+        # 1. Gather: each row is the stream's 64-sample context, then its
+        # window. The whole batch is built in numpy and crosses into torch
+        # once, so the worker hands the GIL back only a few times per batch.
+        row_states = [states[index] for index in rows]
+        x = np.concatenate(
+            (
+                np.stack([state.context for state in row_states]),
+                np.stack([inputs[index].data.samples for index in rows]),
+            ),
+            axis=1,
+        )
+        lstm_state = np.stack([state.lstm_state for state in row_states], axis=1)
 
         # 2. One forward pass for every stream in the batch.
-        probabilities, new_lstm_state = self._inner(x, lstm_state)
+        probabilities, new_lstm_state = self._inner(
+            torch.from_numpy(x).to(self._device), torch.from_numpy(lstm_state).to(self._device)
+        )
         values = probabilities[:, 0].tolist()
+        new_state = new_lstm_state.cpu().numpy()
 
-        # 3. Scatter the new state back. Copies let the batch tensors be freed.
-        for row, index in enumerate(rows):
-            states[index].lstm_state = new_lstm_state[:, row : row + 1].clone()
-            states[index].context = x[row : row + 1, -CONTEXT_SAMPLES:].clone()
+        # 3. Scatter: copies, so one stream's state does not keep the batch alive.
+        for row, (index, state) in enumerate(zip(rows, row_states)):
+            state.lstm_state = new_state[:, row].copy()
+            state.context = x[row, -CONTEXT_SAMPLES:].copy()
             outputs[index] = values[row]
         return outputs
 
