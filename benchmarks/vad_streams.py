@@ -301,6 +301,10 @@ def main() -> int:
     parser.add_argument(
         "--saturation-windows", type=int, default=16, help="512-sample windows per chunk when saturating (default: 16)"
     )
+    parser.add_argument(
+        "--server-args", default="", help="extra `streaminfer serve` flags, quoted, e.g. \"--decode-threads 1\""
+    )
+    parser.add_argument("--skip-saturation", action="store_true", help="run the real-time phase only")
     parser.add_argument("--json", type=pathlib.Path, default=REPO_ROOT / "bench-results" / "vad_streams.json")
     parser.add_argument("--markdown", type=pathlib.Path, default=REPO_ROOT / "BENCHMARKS.md")
     options = parser.parse_args()
@@ -310,25 +314,38 @@ def main() -> int:
     report: dict = {"date": datetime.date.today().isoformat(), "machine": machine_description(), "command": " ".join(sys.argv)}
 
     print(f"real time: {options.streams} streams x {options.chunk_ms} ms chunks, {options.seconds:.0f} s measured ...", flush=True)
-    server = start_server([])
-    cpu_before = server.cpu_seconds()
-    report["realtime"] = uvloop.run(
-        realtime_load(f"127.0.0.1:{server.port}", options.streams, options.chunk_ms, options.warmup, options.seconds)
-    )
-    report["realtime"]["server_cpu_seconds"] = server.cpu_seconds() - cpu_before
-    report["realtime"]["server_batches"] = batch_stats(server.stop(), "silero_vad")
+    server_args = options.server_args.split()
+    server = start_server(server_args)
+    try:
+        cpu_before = server.cpu_seconds()
+        report["realtime"] = uvloop.run(
+            realtime_load(f"127.0.0.1:{server.port}", options.streams, options.chunk_ms, options.warmup, options.seconds)
+        )
+        report["realtime"]["server_cpu_seconds"] = server.cpu_seconds() - cpu_before
+    finally:
+        log = server.stop()
+    report["realtime"]["server_batches"] = batch_stats(log, "silero_vad")
     print(json.dumps(report["realtime"], indent=2), flush=True)
+    if options.skip_saturation:
+        return 0
 
     print(f"saturation: {options.saturation_streams} streams x {options.saturation_windows} windows per chunk ...", flush=True)
-    server = start_server([])
-    cpu_before = server.cpu_seconds()
-    report["saturation"] = uvloop.run(
-        saturation_load(
-            f"127.0.0.1:{server.port}", options.saturation_streams, options.saturation_windows, options.warmup, options.seconds
+    server = start_server(server_args)
+    try:
+        cpu_before = server.cpu_seconds()
+        report["saturation"] = uvloop.run(
+            saturation_load(
+                f"127.0.0.1:{server.port}",
+                options.saturation_streams,
+                options.saturation_windows,
+                options.warmup,
+                options.seconds,
+            )
         )
-    )
-    report["saturation"]["server_cpu_seconds"] = server.cpu_seconds() - cpu_before
-    report["saturation"]["server_batches"] = batch_stats(server.stop(), "silero_vad")
+        report["saturation"]["server_cpu_seconds"] = server.cpu_seconds() - cpu_before
+    finally:
+        log = server.stop()
+    report["saturation"]["server_batches"] = batch_stats(log, "silero_vad")
     print(json.dumps(report["saturation"], indent=2), flush=True)
 
     batch = max(1, round(report["saturation"]["server_batches"].get("mean_batch_size", 1)))

@@ -4,7 +4,7 @@ One ModelRunner serves one model. Streams submit work items from the event
 loop; each of the model's instances is a worker thread that forms a batch and
 runs it:
 
-- A batch closes when it holds ``max_batch_size`` items, or when
+- A batch closes when it contains ``max_batch_size`` items, or when
   ``max_queue_delay`` has passed since its first item arrived, whichever comes
   first. The delay counts from that item's arrival, not from when the worker
   got to it, so a busy worker does not stretch the tail.

@@ -28,9 +28,9 @@ def _serve(options: argparse.Namespace) -> int:
 
     import uvloop
 
-    # Inference workers hand the GIL back and forth with the event loop many
-    # times per batch; at the default 5 ms switch interval each hand-off can
-    # stall a worker for that long while the loop is busy.
+    # Inference and decode threads take the GIL back from the busy event
+    # loop several times per batch. At Python's default 5 ms switch interval
+    # each hand-off can stall them for that long.
     sys.setswitchinterval(float(os.environ.get("STREAMINFER_SWITCH_INTERVAL_S", "0.0005")))
 
     from streaminfer.server.app import serve

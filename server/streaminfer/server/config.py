@@ -42,7 +42,7 @@ class ModelConfig:
     input_shape: tuple[int, ...] = ()
     input_dtype: str = "float32"
     batching: BatchingConfig = BatchingConfig()
-    # "auto" picks cuda:0 when torch sees a GPU, else cpu.
+    # "auto" picks cuda:0 when torch.cuda.is_available(), else cpu.
     device: str = "auto"
     instances: int = 1
     description: str = ""
@@ -54,8 +54,9 @@ class LimitsConfig:
     max_frame_bytes: int = 8 * 1024 * 1024
     max_frame_dimension: int = 4096
     max_text_chunk_bytes: int = 64 * 1024
-    # Chunks a stream may have sent and not yet had answered. The reader stops
-    # reading the stream at this count, so HTTP/2 flow control holds the rest.
+    # Chunks a stream may have sent without an ack or error yet. The reader
+    # stops reading the stream at this count, so HTTP/2 flow control keeps
+    # the rest on the client.
     max_chunks_in_flight: int = 64
     # Seconds a write to a client may wait for HTTP/2 flow-control credit.
     write_timeout_s: float = 10.0

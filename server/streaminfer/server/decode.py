@@ -122,8 +122,8 @@ class DecodeStage:
     the event loop: the reader drops a job in its lane's queue and moves on,
     and the decode thread submits the model inputs to the runners itself.
 
-    A lane's queue holds at most ``max_chunks_in_flight`` jobs per stream,
-    because a stream's reader stops at its in-flight window; flush and
+    A lane's queue contains at most ``max_chunks_in_flight`` jobs per stream,
+    because a stream's reader stops at its in-flight window. Flush and
     end-of-input jobs add at most one more per stream.
     """
 

@@ -8,7 +8,7 @@ to the models' runners. Runners hand finished items back on the loop through
 acknowledges the chunks every model has completed, and wakes the writer.
 
 Thread ownership: the preprocess states, the audio sample count, the text
-decoder and each slot's ``next_index`` belong to the decode thread; every
+decoder and each slot's ``next_index`` belong to the decode thread. Every
 other field belongs to the loop.
 
 Every chunk is answered once: by a ChunkAck when every model of its modality
@@ -81,7 +81,7 @@ class ModelSlot:
 
 @dataclasses.dataclass(eq=False)
 class Ledger:
-    """The chunks of one modality that are received and not yet answered."""
+    """The chunks of one modality that were received and have no ack or error yet."""
 
     modality: int
     slots: list[ModelSlot]
@@ -263,7 +263,7 @@ class Session:
         sequence_number = chunk.sequence_number
         ledger = self._ledgers.get(modality)
 
-        # 1. Checks that need no decoding answer at once.
+        # 1. Checks that need no decoding reply at once.
         problem = self._check_chunk(modality, field, chunk, ledger)
         if problem is not None:
             reason, message = problem
@@ -273,7 +273,7 @@ class Session:
             return
         assert ledger is not None
 
-        # 2. Wait for room in the window; while waiting this stream is not read.
+        # 2. Wait for room in the window. While waiting, this stream is not read.
         while self._in_flight >= self._limits.max_chunks_in_flight:
             self._window_open.clear()
             await self._window_open.wait()
@@ -283,7 +283,7 @@ class Session:
         ledger.received += 1
 
         # 3. Decode, preprocess and queue for the models on this stream's
-        # decode thread; the loop goes on reading.
+        # decode thread, so the loop goes on reading.
         client_time = chunk.timestamp.ToTimedelta().total_seconds() if chunk.HasField("timestamp") else None
         content = chunk.audio_content if modality == pb.MODALITY_AUDIO else (
             chunk.image_content if modality == pb.MODALITY_VIDEO else chunk.text
@@ -360,7 +360,7 @@ class Session:
     def _prepare(
         self, ledger: Ledger, content: bytes, sequence_number: int, client_time: float | None
     ) -> list[tuple[ModelSlot, list[ModelInput]]]:
-        """Decode one chunk and run each model's preprocess. Runs in the decode pool."""
+        """Decode one chunk and run each model's preprocess. Runs on the stream's decode thread."""
         modality = ledger.modality
         if modality == pb.MODALITY_AUDIO:
             audio_format = self._config.audio_format
@@ -421,7 +421,7 @@ class Session:
                     f"{error}; slow down or retry later",
                     slot.name,
                 )
-                # NOTE: the model's preprocess state already holds this
+                # NOTE: the model's preprocess state already contains this
                 # chunk's leftovers, so the next window may start mid-chunk.
                 completes = inputs[-1].completes_sequence_number
                 if completes is not None:
@@ -432,7 +432,7 @@ class Session:
     # -- results --------------------------------------------------------------
 
     def on_items_done(self, slot: ModelSlot, items: list[WorkItem]) -> None:
-        """Take finished items of one model; runs on the event loop."""
+        """Release finished items of one model in stream order. Runs on the event loop."""
         if self.closed:
             return
         for item in items:
@@ -485,7 +485,7 @@ class Session:
     def _fail_chunks(
         self, ledger: Ledger, sequence_numbers: Iterable[int], reason: int, message: str, model: str = ""
     ) -> None:
-        """Answer pending chunks with an error; later acks skip them."""
+        """Report pending chunks as failed. Later acks skip them."""
         pending = set(ledger.pending)
         for sequence_number in sequence_numbers:
             if sequence_number not in pending or sequence_number in ledger.errored:
@@ -500,7 +500,7 @@ class Session:
         self._wake_writer()
 
     def _add_error(self, modality: int, sequence_number: int, reason: int, message: str) -> None:
-        """Answer a chunk that never entered the ledger."""
+        """Report a chunk that never entered the ledger as failed."""
         ledger = self._ledgers.get(modality)
         if ledger is not None:
             ledger.received += 1
@@ -519,7 +519,7 @@ class Session:
 
     @property
     def finished(self) -> bool:
-        """Input ended and every chunk is answered."""
+        """True when input ended and every chunk has an ack or an error."""
         if self.phase is not StreamPhase.INPUT_ENDED:
             return False
         return all(not ledger.pending and all(slot.idle for slot in ledger.slots) for ledger in self._ledgers.values())
@@ -537,7 +537,7 @@ class Session:
                 return
             if pending:
                 # Results that arrive while this message is being written go
-                # into the next one; the loop checks again before ending.
+                # into the next one, and the loop checks again before ending.
                 self._outbound = pb.StreamResponse()
                 yield outbound
                 continue
