@@ -28,6 +28,7 @@ import re
 import resource
 import subprocess
 import sys
+import threading
 import time
 import wave
 
@@ -55,16 +56,38 @@ class ServerProcess:
     process: subprocess.Popen[str]
     port: int
     log: list[str]
+    # Drains the server's output, so a full pipe never blocks its logging.
+    reader: threading.Thread
 
     def cpu_seconds(self) -> float:
-        fields = pathlib.Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        """CPU time of the server and its worker processes so far."""
         ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        total = 0
+        for pid in [self.process.pid, *_children(self.process.pid)]:
+            try:
+                fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                continue
+            total += int(fields[11]) + int(fields[12])
+        return total / ticks
 
     def stop(self) -> str:
         self.process.terminate()
-        output, _ = self.process.communicate(timeout=60)
-        return "\n".join(self.log) + output
+        self.process.wait(timeout=60)
+        self.reader.join(timeout=10)
+        return "\n".join(self.log)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in pathlib.Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:
+            continue
+        for child in map(int, children):
+            found.extend([child, *_children(child)])
+    return found
 
 
 def start_server(extra_args: list[str]) -> ServerProcess:
@@ -80,26 +103,31 @@ def start_server(extra_args: list[str]) -> ServerProcess:
         log.append(line.rstrip())
         match = re.match(r"streaminfer listening on \S+:(\d+)", line)
         if match:
-            return ServerProcess(process, int(match.group(1)), log)
+            reader = threading.Thread(target=lambda: log.extend(line.rstrip() for line in process.stdout), daemon=True)
+            reader.start()
+            return ServerProcess(process, int(match.group(1)), log, reader)
     raise TimeoutError("server did not start within 300 s")
 
 
 def batch_stats(server_log: str, model: str) -> dict[str, float]:
-    match = re.search(
-        rf"model {model}: (\d+) batches, (\d+) items, mean batch size ([\d.]+), closed full (\d+), "
+    """Sum the batch figures each server process logs when it stops."""
+    matches = re.findall(
+        rf"model {model}: (\d+) batches, (\d+) items, mean batch size [\d.]+, closed full (\d+), "
         rf"closed by delay (\d+), inference ([\d.]+) s",
         server_log,
     )
-    if not match:
+    if not matches:
         return {}
-    batches, items, mean, full, delay, inference = match.groups()
+    batches = sum(int(match[0]) for match in matches)
+    items = sum(int(match[1]) for match in matches)
     return {
-        "batches": int(batches),
-        "items": int(items),
-        "mean_batch_size": float(mean),
-        "closed_full": int(full),
-        "closed_by_delay": int(delay),
-        "inference_seconds": float(inference),
+        "processes": len(matches),
+        "batches": batches,
+        "items": items,
+        "mean_batch_size": round(items / batches, 1) if batches else 0.0,
+        "closed_full": sum(int(match[2]) for match in matches),
+        "closed_by_delay": sum(int(match[3]) for match in matches),
+        "inference_seconds": round(sum(float(match[4]) for match in matches), 2),
     }
 
 
@@ -176,7 +204,7 @@ async def realtime_load(target: str, streams: int, chunk_ms: int, warmup_s: floa
     options = [("grpc.max_receive_message_length", 16 << 20)]
     # Spread streams over several channels (HTTP/2 connections), as many
     # independent clients would be.
-    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, streams // 50))]
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, streams // 10))]
     stubs = [pb_grpc.InferenceServiceStub(channel) for channel in channels]
     loop = asyncio.get_running_loop()
     start_at = loop.time() + 1.0

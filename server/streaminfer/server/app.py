@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import signal
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -52,6 +53,7 @@ class StreaminferServer:
                 # can detect dead connections on long quiet streams.
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.so_reuseport", 1 if self.config.reuse_port else 0),
             ]
         )
         pb_grpc.add_InferenceServiceServicer_to_server(self.service, self._server)
@@ -97,11 +99,20 @@ def _tune_garbage_collector() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
 
 
-async def serve(config: ServerConfig, grace: float = 5.0) -> None:
-    """Run a server until SIGINT or SIGTERM, then stop it within ``grace`` seconds."""
+async def serve(
+    config: ServerConfig, grace: float = 5.0, on_ready: Callable[[int], None] | None = None
+) -> None:
+    """Run a server until SIGINT or SIGTERM, then stop it within ``grace`` seconds.
+
+    ``on_ready`` gets the bound port once the server listens; without it the
+    port is printed to stdout.
+    """
     server = StreaminferServer(config)
     await server.start()
-    print(f"streaminfer listening on {config.host}:{server.port}", flush=True)
+    if on_ready is None:
+        print(f"streaminfer listening on {config.host}:{server.port}", flush=True)
+    else:
+        on_ready(server.port)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

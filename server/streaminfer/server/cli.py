@@ -26,15 +26,23 @@ def _serve(options: argparse.Namespace) -> int:
     }
     config = dataclasses.replace(config, **{key: value for key, value in overrides.items() if value is not None})
 
-    import uvloop
-
     # Inference and decode threads take the GIL back from the busy event
     # loop several times per batch. At Python's default 5 ms switch interval
     # each hand-off can stall them for that long.
-    sys.setswitchinterval(float(os.environ.get("STREAMINFER_SWITCH_INTERVAL_S", "0.0005")))
+    switch_interval = float(os.environ.get("STREAMINFER_SWITCH_INTERVAL_S", "0.0005"))
+    if options.workers < 1:
+        print(f"streaminfer: --workers {options.workers} is invalid: expected 1 or more", file=sys.stderr)
+        return 2
+    if options.workers > 1:
+        from streaminfer.server.workers import run_workers
+
+        return run_workers(config, options.workers, options.grace, options.log_level, switch_interval)
+
+    import uvloop
 
     from streaminfer.server.app import serve
 
+    sys.setswitchinterval(switch_interval)
     uvloop.run(serve(config, grace=options.grace))
     return 0
 
@@ -57,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--decode-threads", type=int, help="threads decoding and preprocessing chunks (default: 2)")
     serve.add_argument(
         "--torch-threads", type=int, help="intra-op threads per inference worker; 0 means cores minus one (default: 0)"
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port; each loads the models and batches its own connections (default: 1)",
     )
     serve.add_argument(
         "--grace", type=float, default=5.0, help="seconds running streams get to finish on SIGTERM (default: 5)"

@@ -72,6 +72,10 @@ class ServerConfig:
     torch_threads: int = 0
     models: tuple[ModelConfig, ...] = ()
     limits: LimitsConfig = LimitsConfig()
+    # Let other processes listen on the same port (SO_REUSEPORT). Set for
+    # workers of one server; off otherwise, so that a second server started
+    # on a busy port fails instead of taking half its connections.
+    reuse_port: bool = False
 
     def resolved_torch_threads(self) -> int:
         if self.torch_threads > 0:

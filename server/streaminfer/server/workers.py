@@ -1,0 +1,102 @@
+"""Several server processes sharing one port.
+
+One Python process runs gRPC, decoding and batching under one GIL, so it
+uses about one core. ``streaminfer serve --workers N`` starts N processes
+that each load the models and listen on the same port with SO_REUSEPORT.
+The kernel spreads connections, not streams, across them: every stream of
+one channel goes to the same worker, and each worker batches its own streams.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from streaminfer.server.config import ServerConfig
+
+logger = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 600
+
+
+def pick_free_port(host: str) -> int:
+    """Return a port that is free on ``host`` now, for workers to share."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host.strip("[]"), 0))
+        return probe.getsockname()[1]
+
+
+def worker_config(config: ServerConfig, workers: int) -> ServerConfig:
+    """Return the config each worker runs: a fixed shared port, and torch threads split between workers."""
+    port = config.port or pick_free_port(config.host)
+    torch_threads = config.torch_threads or max(1, ((os.cpu_count() or 1) - 1) // workers)
+    return dataclasses.replace(config, port=port, reuse_port=True, torch_threads=torch_threads)
+
+
+def _worker_main(config: ServerConfig, grace: float, index: int, ready: Any, log_level: str, switch_interval: float) -> None:
+    import uvloop
+
+    from streaminfer.server.app import serve
+
+    logging.basicConfig(
+        level=log_level, format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s"
+    )
+    sys.setswitchinterval(switch_interval)
+    uvloop.run(serve(config, grace=grace, on_ready=lambda port: ready.put(index)))
+
+
+def run_workers(config: ServerConfig, workers: int, grace: float, log_level: str, switch_interval: float) -> int:
+    """Start ``workers`` server processes on one port and wait for them; return the exit status."""
+    config = worker_config(config, workers)
+    context = multiprocessing.get_context("spawn")
+    ready = context.Queue()
+    processes: list[BaseProcess] = [
+        context.Process(
+            target=_worker_main,
+            args=(config, grace, index, ready, log_level, switch_interval),
+            name=f"streaminfer-worker-{index}",
+        )
+        for index in range(workers)
+    ]
+    for process in processes:
+        process.start()
+
+    signals_seen = 0
+
+    def forward(signum: int, frame: object) -> None:
+        # The first signal drains the workers; a second one stops them at once.
+        nonlocal signals_seen
+        signals_seen += 1
+        for process in processes:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signal.SIGTERM if signals_seen == 1 else signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+
+    started = 0
+    while started < workers:
+        try:
+            ready.get(timeout=STARTUP_TIMEOUT_S)
+        except Exception:
+            logger.error("workers did not start within %d s", STARTUP_TIMEOUT_S)
+            forward(signal.SIGKILL, None)
+            forward(signal.SIGKILL, None)
+            break
+        started += 1
+    if started == workers:
+        print(f"streaminfer listening on {config.host}:{config.port} ({workers} workers)", flush=True)
+
+    for process in processes:
+        process.join()
+    codes = [process.exitcode for process in processes]
+    logger.info("workers exited with codes %s", codes)
+    return 0 if all(code == 0 for code in codes) else 1
