@@ -180,6 +180,8 @@ def test_stream_help_states_units_and_defaults(capsys: pytest.CaptureFixture[str
     assert "default 127.0.0.1:50051" in text
     assert "0 is as fast as the in-flight window allows (default 1)" in text
     assert "silero_vad for audio, hog_people and haar_faces for video, minilm_embedding for text" in text
+    assert "stop each medium after this many seconds of media time" in text
+    assert "(default: no limit)" in text
 
 
 def test_cli_nothing_to_stream(capsys: pytest.CaptureFixture[str]) -> None:
@@ -244,6 +246,87 @@ def test_cli_stream_text_output_against_fake(tmp_path: pathlib.Path) -> None:
     assert lines[0] == "[audio #1] silero_vad activity p=0.25"
     assert "summary of stream grpc-fake:" in lines
     assert any(line.startswith("  audio  sent 4, acked 4, failed 0; latency p50 ") for line in lines)
+    # One medium ends with the stream, so end of input finishes its work and no flush is sent.
+    assert _controls(server) == []
+
+
+def _controls(server: FakeServer) -> list[pb.StreamControl]:
+    return [request.control for request in server.service.stream_requests if request.HasField("control")]
+
+
+def _wire_order(server: FakeServer) -> list[str]:
+    """Return the kind of each request the server read, with the modality of controls, for example "control:audio"."""
+    kinds = []
+    for request in server.service.stream_requests:
+        kind = request.WhichOneof("request")
+        if kind == "control":
+            kind = f"control:{Modality(request.control.modality).label}"
+        kinds.append(kind)
+    return kinds
+
+
+def test_cli_flushes_medium_that_ends_first(tmp_path: pathlib.Path) -> None:
+    wav = tmp_path / "speech.wav"
+    write_wav(wav, rate=16000, channels=1, frames=16000)
+    text = tmp_path / "notes.txt"
+    # At 60 words per minute and speed 4 the lines are due 0, 0.5 and 1 s after the start,
+    # and the 1 s of audio has all been sent after 0.25 s.
+    text.write_text("First line.\nSecond line.\nThird line.\n", encoding="utf-8")
+    out = io.StringIO()
+
+    with FakeServer(window=4) as server:
+        status = main(
+            [
+                "stream", "--target", server.target, "--audio", str(wav), "--text", str(text),
+                "--text-wpm", "60", "--speed", "4",
+            ],
+            out=out,
+        )
+
+    order = _wire_order(server)
+    assert status == 0
+    assert [control.action for control in _controls(server)] == [pb.CONTROL_ACTION_FLUSH]
+    assert order.count("control:audio") == 1
+    flush_at = order.index("control:audio")
+    assert "audio" not in order[flush_at:], "audio was sent after its flush"
+    assert "text" in order[flush_at:], "the flush came after the text had ended too"
+
+
+def test_cli_max_seconds_limits_each_medium(tmp_path: pathlib.Path) -> None:
+    wav = tmp_path / "speech.wav"
+    write_wav(wav, rate=16000, channels=1, frames=5 * 16000)
+    text = tmp_path / "notes.txt"
+    # At 60 words per minute the lines are due at 0, 2, 4, 6 and 8 s of the pacing clock.
+    text.write_text("one two\n" * 5, encoding="utf-8")
+    out = io.StringIO()
+
+    with FakeServer(window=4) as server:
+        status = main(
+            [
+                "stream", "--target", server.target, "--audio", str(wav), "--text", str(text),
+                "--text-wpm", "60", "--max-seconds", "3", "--speed", "0", "--json",
+            ],
+            out=out,
+        )
+
+    requests = server.service.stream_requests
+    audio_bytes = sum(len(request.audio.audio_content) for request in requests if request.HasField("audio"))
+    text_chunks = [request.text.text for request in requests if request.HasField("text")]
+    summary = json.loads(out.getvalue().splitlines()[-1])
+    assert status == 0
+    assert audio_bytes == 3 * 16000 * 2
+    assert text_chunks == [b"one two\n", b"one two\n"]
+    assert summary["modalities"]["audio"]["sent"] == 94
+    assert summary["modalities"]["text"]["sent"] == 2
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "soon", "inf", "nan"])
+def test_cli_max_seconds_rejects_bad_value(capsys: pytest.CaptureFixture[str], value: str) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["stream", "--text", "notes.txt", "--max-seconds", value])
+
+    assert exited.value.code == 2
+    assert f"argument --max-seconds: {value!r} is invalid: expected a number > 0" in capsys.readouterr().err
 
 
 def test_cli_models_and_infer_against_fake(capsys: pytest.CaptureFixture[str]) -> None:

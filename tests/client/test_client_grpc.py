@@ -129,6 +129,7 @@ def test_sync_client_mirrors_async(fake_server: FakeServer) -> None:
             def send_frames() -> None:
                 for _ in range(9):
                     stream.send_frame(b"\xff\xd8 not really a jpeg")
+                stream.flush("video")
                 stream.end_input()
                 sender_done.set()
 
@@ -141,6 +142,10 @@ def test_sync_client_mirrors_async(fake_server: FakeServer) -> None:
         assert len(results) == 9
         assert [result.first_sequence_number for result in results] == list(range(1, 10))
         assert stream.stats.modality(Modality.VIDEO).acked == 9
+        controls = [request.control for request in fake_server.service.stream_requests if request.HasField("control")]
+        assert [(control.action, control.modality) for control in controls] == [
+            (pb.CONTROL_ACTION_FLUSH, pb.MODALITY_VIDEO)
+        ]
 
 
 def test_sync_client_close_twice() -> None:

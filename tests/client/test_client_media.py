@@ -103,6 +103,39 @@ def test_wav_rejects_bad_chunk_ms(tmp_path: pathlib.Path) -> None:
         list(iter_wav_chunks(path, chunk_ms=0))
 
 
+def test_wav_chunks_max_seconds_trims_last(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "tone.wav"
+    write_wav(path, rate=16000, channels=2, frames=16000)
+
+    chunks = list(iter_wav_chunks(path, chunk_ms=32, max_seconds=0.5))
+
+    # 0.5 s is 8000 frames: 15 chunks of 512 frames and one of 320.
+    assert len(chunks) == 16
+    assert len(chunks[-1].content) == 320 * 2 * 2
+    assert sum(len(chunk.content) for chunk in chunks) == 8000 * 2 * 2
+    assert chunks[-1].timestamp_s + chunks[-1].duration_s == pytest.approx(0.5)
+
+
+def test_wav_chunks_max_seconds_past_end(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "tone.wav"
+    write_wav(path, rate=16000, channels=1, frames=1000)
+
+    chunks = list(iter_wav_chunks(path, chunk_ms=32, max_seconds=60))
+
+    assert sum(len(chunk.content) for chunk in chunks) == 1000 * 2
+
+
+@pytest.mark.parametrize("max_seconds", [0, -1.0, float("inf")])
+def test_readers_reject_bad_max_seconds(tmp_path: pathlib.Path, max_seconds: float) -> None:
+    path = tmp_path / "tone.wav"
+    write_wav(path, rate=16000, channels=1, frames=100)
+
+    with pytest.raises(ValueError, match=f"max_seconds = {max_seconds!r} is invalid"):
+        list(iter_wav_chunks(path, max_seconds=max_seconds))
+    with pytest.raises(ValueError, match=f"max_seconds = {max_seconds!r} is invalid"):
+        list(iter_text_chunks("one two\n", max_seconds=max_seconds))
+
+
 def _write_video(path: pathlib.Path, frames: int, fps: float) -> None:
     cv2 = pytest.importorskip("cv2")
     np = pytest.importorskip("numpy")
@@ -143,6 +176,25 @@ def test_video_frames_higher_fps_no_repeats(tmp_path: pathlib.Path) -> None:
     assert len(frames) == 10
 
 
+def test_video_frames_max_seconds(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "clip.avi"
+    _write_video(path, frames=20, fps=10.0)
+
+    frames = list(iter_video_frames(path, max_seconds=1.05))
+    halved = list(iter_video_frames(path, fps=5.0, max_seconds=1.0))
+
+    assert [frame.timestamp_s for frame in frames] == pytest.approx([index / 10 for index in range(11)])
+    assert [frame.timestamp_s for frame in halved] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
+
+
+def test_video_rejects_bad_max_seconds(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "clip.avi"
+    _write_video(path, frames=2, fps=10.0)
+
+    with pytest.raises(ValueError, match="max_seconds = 0 is invalid"):
+        list(iter_video_frames(path, max_seconds=0))
+
+
 def test_video_missing_file(tmp_path: pathlib.Path) -> None:
     pytest.importorskip("cv2")
 
@@ -166,6 +218,15 @@ def test_text_chunks_lines_and_times() -> None:
     assert [chunk.content for chunk in chunks] == [b"one two three\n", b"\nfour five\n", b"six\n"]
     assert [chunk.timestamp_s for chunk in chunks] == [0.0, 3.0, 5.0]
     assert [chunk.duration_s for chunk in chunks] == [3.0, 2.0, 1.0]
+
+
+def test_text_chunks_max_seconds_by_pace() -> None:
+    text = "one two three\n\nfour five\nsix\n\n"
+
+    chunks = list(iter_text_chunks(text, words_per_minute=60, max_seconds=5.0))
+
+    # "six" would be spoken at 5 s, so it is left out; "four five" starts at 3 s and runs past 5 s.
+    assert [chunk.content for chunk in chunks] == [b"one two three\n", b"\nfour five\n"]
 
 
 def test_text_chunks_split_long_line_utf8() -> None:

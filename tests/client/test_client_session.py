@@ -276,6 +276,41 @@ def test_flush_needs_no_credit() -> None:
     run(scenario)
 
 
+def test_flush_names_one_modality() -> None:
+    async def scenario() -> None:
+        session, call = await _open()
+
+        await session.flush()
+        await session.flush("audio")
+        await session.flush(Modality.TEXT)
+        await session.flush(pb.MODALITY_VIDEO)
+
+        controls = [request.control for request in call.chunks("control")]
+        assert [control.action for control in controls] == [pb.CONTROL_ACTION_FLUSH] * 4
+        assert [control.modality for control in controls] == [
+            pb.MODALITY_UNSPECIFIED,
+            pb.MODALITY_AUDIO,
+            pb.MODALITY_TEXT,
+            pb.MODALITY_VIDEO,
+        ]
+        await session.aclose()
+
+    run(scenario)
+
+
+def test_flush_rejects_unknown_modality() -> None:
+    async def scenario() -> None:
+        session, call = await _open()
+
+        with pytest.raises(ValueError, match="modality 'speech' is invalid"):
+            await session.flush("speech")
+
+        assert call.chunks("control") == []
+        await session.aclose()
+
+    run(scenario)
+
+
 def test_config_rejected_raises_sdk_error() -> None:
     async def scenario() -> None:
         call = FakeStreamCall(accept=False)

@@ -50,23 +50,28 @@ def _wav_format(reader: wave.Wave_read, path: str | os.PathLike[str]) -> AudioFo
     return AudioFormat(sample_rate_hertz=reader.getframerate(), channel_count=reader.getnchannels())
 
 
-def iter_wav_chunks(path: str | os.PathLike[str], chunk_ms: float = 32.0) -> Iterator[MediaChunk]:
+def iter_wav_chunks(
+    path: str | os.PathLike[str], chunk_ms: float = 32.0, *, max_seconds: float | None = None
+) -> Iterator[MediaChunk]:
     """Yield a 16-bit PCM WAV file in chunks of ``chunk_ms`` milliseconds.
 
     Chunks contain whole sample frames (one sample of every channel), so a
     chunk lasts the whole number of frames nearest to ``chunk_ms``. The last
     chunk may be shorter. Timestamps count frames, so they do not drift.
+    ``max_seconds`` stops after that much audio, rounded to a whole frame.
     """
     if not chunk_ms > 0:
         raise ValueError(f"chunk_ms = {chunk_ms!r} is invalid: expected milliseconds > 0")
+    _check_max_seconds(max_seconds)
 
     with wave.open(os.fspath(path), "rb") as reader:
         audio_format = _wav_format(reader, path)
         rate = audio_format.sample_rate_hertz
         frames_per_chunk = max(1, round(rate * chunk_ms / 1000))
+        frame_limit = math.inf if max_seconds is None else round(max_seconds * rate)
         frames_read = 0
-        while True:
-            content = reader.readframes(frames_per_chunk)
+        while frames_read < frame_limit:
+            content = reader.readframes(int(min(frames_per_chunk, frame_limit - frames_read)))
             if not content:
                 return
             frame_count = len(content) // (2 * audio_format.channel_count)
@@ -92,18 +97,22 @@ def iter_video_frames(
     fps: float | None = None,
     *,
     jpeg_quality: int = 90,
+    max_seconds: float | None = None,
 ) -> Iterator[MediaChunk]:
     """Yield a video file's frames, JPEG-encoded, with their media times.
 
     ``fps`` None keeps every frame at the file's rate. A lower ``fps`` skips
     frames to keep about that rate; a higher one yields every frame, because
-    frames are never repeated. Needs OpenCV: ``pip install 'streaminfer-client[video]'``.
+    frames are never repeated. ``max_seconds`` stops before the first frame
+    whose media time is that or later. Needs OpenCV:
+    ``pip install 'streaminfer-client[video]'``.
     """
     cv2 = _import_cv2()
     if fps is not None and not fps > 0:
         raise ValueError(f"fps = {fps!r} is invalid: expected frames per second > 0, or None for the file's rate")
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"jpeg_quality = {jpeg_quality!r} is invalid: expected 1 to 100")
+    _check_max_seconds(max_seconds)
 
     capture = cv2.VideoCapture(os.fspath(path))
     try:
@@ -120,10 +129,12 @@ def iter_video_frames(
         index = 0
         next_time = 0.0
         while True:
+            media_time = index / native_fps
+            if max_seconds is not None and media_time >= max_seconds:
+                return
             ok, image = capture.read()
             if not ok:
                 return
-            media_time = index / native_fps
             index += 1
             # Half a source frame of tolerance keeps float error from skipping frames.
             if media_time + 0.5 / native_fps < next_time:
@@ -135,6 +146,11 @@ def iter_video_frames(
             yield MediaChunk(encoded.tobytes(), timestamp_s=media_time, duration_s=duration)
     finally:
         capture.release()
+
+
+def _check_max_seconds(max_seconds: float | None) -> None:
+    if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds > 0):
+        raise ValueError(f"max_seconds = {max_seconds!r} is invalid: expected seconds > 0, or None for no limit")
 
 
 def _import_cv2():  # type: ignore[no-untyped-def]
@@ -156,6 +172,7 @@ def iter_text_chunks(
     *,
     words_per_minute: float = DEFAULT_WORDS_PER_MINUTE,
     max_chunk_bytes: int = 16384,
+    max_seconds: float | None = None,
 ) -> Iterator[MediaChunk]:
     """Yield ``text`` line by line, timed as if spoken at ``words_per_minute``.
 
@@ -163,11 +180,14 @@ def iter_text_chunks(
     and blank lines at the end are dropped.
     A line longer than ``max_chunk_bytes`` of UTF-8 is split between
     characters. A chunk's timestamp is the time its first word would be spoken.
+    ``max_seconds`` stops before the first chunk timestamped that or later,
+    so the last chunk sent may run past it.
     """
     if not words_per_minute > 0:
         raise ValueError(f"words_per_minute = {words_per_minute!r} is invalid: expected words per minute > 0")
     if max_chunk_bytes < 4:
         raise ValueError(f"max_chunk_bytes = {max_chunk_bytes!r} is invalid: expected 4 or more")
+    _check_max_seconds(max_seconds)
 
     seconds_per_word = 60.0 / words_per_minute
     words_before = 0
@@ -177,12 +197,11 @@ def iter_text_chunks(
         if not line.strip():
             continue
         for piece in _split_utf8(pending, max_chunk_bytes):
+            timestamp = words_before * seconds_per_word
+            if max_seconds is not None and timestamp >= max_seconds:
+                return
             words = len(_WORD.findall(piece))
-            yield MediaChunk(
-                piece.encode("utf-8"),
-                timestamp_s=words_before * seconds_per_word,
-                duration_s=words * seconds_per_word,
-            )
+            yield MediaChunk(piece.encode("utf-8"), timestamp_s=timestamp, duration_s=words * seconds_per_word)
             words_before += words
         pending = ""
 

@@ -228,15 +228,19 @@ class StreamSession:
             ),
         )
 
-    async def flush(self) -> None:
-        """Ask the server to finish buffered work now, for every modality.
+    async def flush(self, modality: Modality | str | int | None = None) -> None:
+        """Ask the server to finish buffered work of ``modality`` now, or of every modality for None.
 
         It closes an open speech segment and embeds a partial sentence. A flush
         is not a chunk, so it needs no window credit and can unblock a window
-        full of chunks that wait for more input.
+        full of chunks that wait for more input. ``modality`` takes the forms
+        ``Modality.parse`` accepts, for example ``"audio"``.
         """
+        selected = Modality.UNSPECIFIED if modality is None else Modality.parse(modality)
         self._require_state(StreamState.OPEN, "flush")
-        request = pb.StreamRequest(control=pb.StreamControl(action=pb.CONTROL_ACTION_FLUSH))
+        request = pb.StreamRequest(
+            control=pb.StreamControl(action=pb.CONTROL_ACTION_FLUSH, modality=int(selected))
+        )
         async with self._write_lock:
             self._require_state(StreamState.OPEN, "flush")
             await self._write(request)

@@ -122,8 +122,8 @@ class SyncStream:
     def send_text(self, text: str | bytes, timestamp: float | None = None) -> int:
         return self._loop.run(self._session.send_text(text, timestamp))
 
-    def flush(self) -> None:
-        self._loop.run(self._session.flush())
+    def flush(self, modality: Modality | str | int | None = None) -> None:
+        self._loop.run(self._session.flush(modality))
 
     def end_input(self) -> None:
         self._loop.run(self._session.end_input())

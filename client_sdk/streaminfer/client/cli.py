@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import logging
+import math
 import sys
 import wave
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TextIO, TypeVar
 
 from streaminfer.client._client import AsyncClient
@@ -64,22 +66,35 @@ class StreamPlan:
 # Argument parsing
 
 
+def _finite_float(text: str, expected: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected {expected}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected {expected}")
+    return value
+
+
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _finite_float(text, "a number > 0")
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected a number > 0")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _finite_float(text, "a number >= 0")
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected a number >= 0")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected an integer >= 1") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected an integer >= 1")
     return value
@@ -132,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument(
         "--text-wpm", type=_positive_float, default=DEFAULT_WORDS_PER_MINUTE, metavar="WPM",
         help=f"text pace in words per minute at speed 1 (default {DEFAULT_WORDS_PER_MINUTE:g}, a speaking rate)",
+    )
+    stream.add_argument(
+        "--max-seconds", type=_positive_float, default=None, metavar="SECONDS",
+        help="stop each medium after this many seconds of media time: audio by samples, video by frame "
+        "timestamps, text by its --text-wpm pacing clock (default: no limit)",
     )
     stream.add_argument(
         "--speed", type=_non_negative_float, default=1.0, metavar="FACTOR",
@@ -220,33 +240,51 @@ def _read_text(path: str) -> str:
         return file.read()
 
 
-async def _send_audio(session: StreamSession, path: str, chunk_ms: float, speed: float) -> None:
-    async for chunk in paced_async(iter_wav_chunks(path, chunk_ms), speed):
+async def _send_audio(session: StreamSession, path: str, args: argparse.Namespace) -> None:
+    chunks = iter_wav_chunks(path, args.chunk_ms, max_seconds=args.max_seconds)
+    async for chunk in paced_async(chunks, args.speed):
         await session.send_audio(chunk.content, chunk.timestamp_s)
 
 
-async def _send_video(session: StreamSession, path: str, fps: float | None, speed: float) -> None:
+async def _send_video(session: StreamSession, path: str, fps: float | None, args: argparse.Namespace) -> None:
+    frames = iter_video_frames(path, fps, max_seconds=args.max_seconds)
     # Frames are decoded in a worker thread so responses are read on time.
     try:
-        async for chunk in paced_async(iter_video_frames(path, fps), speed, read_in_thread=True):
+        async for chunk in paced_async(frames, args.speed, read_in_thread=True):
             await session.send_frame(chunk.content, chunk.timestamp_s)
     except ValueError as error:
         raise UsageError(f"{path}: {error}") from error
 
 
-async def _send_text(session: StreamSession, text: str, words_per_minute: float, speed: float) -> None:
-    async for chunk in paced_async(iter_text_chunks(text, words_per_minute=words_per_minute), speed):
+async def _send_text(session: StreamSession, text: str, args: argparse.Namespace) -> None:
+    chunks = iter_text_chunks(text, words_per_minute=args.text_wpm, max_seconds=args.max_seconds)
+    async for chunk in paced_async(chunks, args.speed):
         await session.send_text(chunk.content, chunk.timestamp_s)
 
 
 async def _send_all(session: StreamSession, plan: StreamPlan, args: argparse.Namespace) -> None:
+    senders: dict[Modality, Callable[[], Awaitable[None]]] = {}
+    if plan.audio_path:
+        senders[Modality.AUDIO] = functools.partial(_send_audio, session, plan.audio_path, args)
+    if plan.video_path:
+        senders[Modality.VIDEO] = functools.partial(_send_video, session, plan.video_path, plan.video_fps, args)
+    if plan.text is not None:
+        senders[Modality.TEXT] = functools.partial(_send_text, session, plan.text, args)
+    sending = set(senders)
+
+    async def send_then_flush(modality: Modality, send: Callable[[], Awaitable[None]]) -> None:
+        await send()
+        sending.discard(modality)
+        # Without a flush the server would keep this medium's buffered work
+        # (the last partial VAD window, an open speech segment, a partial
+        # sentence) until the other media end. The last medium to end needs
+        # none, because end_input finishes everything.
+        if sending:
+            await session.flush(modality)
+
     async with asyncio.TaskGroup() as group:
-        if plan.audio_path:
-            group.create_task(_send_audio(session, plan.audio_path, args.chunk_ms, args.speed))
-        if plan.video_path:
-            group.create_task(_send_video(session, plan.video_path, plan.video_fps, args.speed))
-        if plan.text is not None:
-            group.create_task(_send_text(session, plan.text, args.text_wpm, args.speed))
+        for modality, send in senders.items():
+            group.create_task(send_then_flush(modality, send))
     await session.end_input()
 
 
