@@ -230,7 +230,9 @@ async def realtime_load(target: str, streams: int, chunk_ms: int, warmup_s: floa
     }
 
 
-async def saturation_load(target: str, streams: int, chunk_windows: int, warmup_s: float, measure_s: float) -> dict:
+async def saturation_load(
+    target: str, streams: int, chunk_windows: int, in_flight: int, warmup_s: float, measure_s: float
+) -> dict:
     import grpc
 
     from streaminfer.v1 import streaminfer_pb2 as pb
@@ -242,11 +244,12 @@ async def saturation_load(target: str, streams: int, chunk_windows: int, warmup_
     start = loop.time()
     measure_from, measure_to = start + warmup_s, start + warmup_s + measure_s
     acked_in_window = 0
+    errors = 0
 
     async def one_stream(index: int, stub) -> None:
-        nonlocal acked_in_window
+        nonlocal acked_in_window, errors
         call, accepted = await open_vad_stream(stub, pb)
-        window = asyncio.Semaphore(accepted.limits.max_chunks_in_flight)
+        window = asyncio.Semaphore(min(in_flight, accepted.limits.max_chunks_in_flight))
 
         async def send() -> None:
             seq = 0
@@ -273,6 +276,7 @@ async def saturation_load(target: str, streams: int, chunk_windows: int, warmup_
                 if measure_from <= now < measure_to:
                     acked_in_window += count
             for _ in response.errors:
+                errors += 1
                 window.release()
         await sender
 
@@ -283,8 +287,10 @@ async def saturation_load(target: str, streams: int, chunk_windows: int, warmup_
     return {
         "streams": streams,
         "windows_per_chunk": chunk_windows,
+        "chunks_in_flight": in_flight,
         "measured_seconds": measure_s,
         "windows_per_second": acked_in_window * chunk_windows / measure_s,
+        "chunk_errors": errors,
     }
 
 
@@ -319,15 +325,43 @@ def machine_description() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {memory_kb / 1024 / 1024:.0f} GiB, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
+def run_phase(server_args: list[str], load) -> dict:
+    """Start a server, run ``load(target)`` against it, stop it, and add its CPU and batch figures."""
+    import uvloop
+
+    server = start_server(server_args)
+    try:
+        cpu_before = server.cpu_seconds()
+        started = time.monotonic()
+        result = uvloop.run(load(f"127.0.0.1:{server.port}"))
+        result["server_cpu_seconds"] = server.cpu_seconds() - cpu_before
+        result["wall_seconds"] = time.monotonic() - started
+    finally:
+        log = server.stop()
+    result["server_batches"] = batch_stats(log, "silero_vad")
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--streams", type=int, default=200, help="concurrent real-time streams (default: 200)")
+    parser.add_argument(
+        "--streams", default="100,150,200", help="concurrent real-time streams, comma-separated (default: 100,150,200)"
+    )
+    parser.add_argument(
+        "--workers", default="1,2", help="server processes (`serve --workers`), comma-separated (default: 1,2)"
+    )
     parser.add_argument("--chunk-ms", type=int, default=32, help="audio per chunk, milliseconds (default: 32)")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per phase (default: 10)")
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first (default: 3)")
     parser.add_argument("--saturation-streams", type=int, default=128, help="streams in the saturation phase (default: 128)")
     parser.add_argument(
         "--saturation-windows", type=int, default=16, help="512-sample windows per chunk when saturating (default: 16)"
+    )
+    parser.add_argument(
+        "--saturation-in-flight",
+        type=int,
+        default=2,
+        help="unanswered chunks each saturating stream keeps in flight (default: 2)",
     )
     parser.add_argument(
         "--server-args", default="", help="extra `streaminfer serve` flags, quoted, e.g. \"--decode-threads 1\""
@@ -337,52 +371,59 @@ def main() -> int:
     parser.add_argument("--markdown", type=pathlib.Path, default=REPO_ROOT / "BENCHMARKS.md")
     options = parser.parse_args()
 
-    import uvloop
+    stream_counts = [int(value) for value in options.streams.split(",")]
+    worker_counts = [int(value) for value in options.workers.split(",")]
+    report: dict = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine_description(),
+        "command": " ".join([pathlib.Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "warmup": options.warmup,
+        "realtime": [],
+        "saturation": [],
+    }
 
-    report: dict = {"date": datetime.date.today().isoformat(), "machine": machine_description(), "command": " ".join(sys.argv)}
-
-    print(f"real time: {options.streams} streams x {options.chunk_ms} ms chunks, {options.seconds:.0f} s measured ...", flush=True)
-    server_args = options.server_args.split()
-    server = start_server(server_args)
-    try:
-        cpu_before = server.cpu_seconds()
-        report["realtime"] = uvloop.run(
-            realtime_load(f"127.0.0.1:{server.port}", options.streams, options.chunk_ms, options.warmup, options.seconds)
-        )
-        report["realtime"]["server_cpu_seconds"] = server.cpu_seconds() - cpu_before
-    finally:
-        log = server.stop()
-    report["realtime"]["server_batches"] = batch_stats(log, "silero_vad")
-    print(json.dumps(report["realtime"], indent=2), flush=True)
-    if options.skip_saturation:
-        return 0
-
-    print(f"saturation: {options.saturation_streams} streams x {options.saturation_windows} windows per chunk ...", flush=True)
-    server = start_server(server_args)
-    try:
-        cpu_before = server.cpu_seconds()
-        report["saturation"] = uvloop.run(
-            saturation_load(
-                f"127.0.0.1:{server.port}",
+    for workers in worker_counts:
+        server_args = ["--workers", str(workers), *options.server_args.split()]
+        for streams in stream_counts:
+            print(f"real time: {workers} worker(s), {streams} streams x {options.chunk_ms} ms chunks ...", flush=True)
+            result = run_phase(
+                server_args,
+                lambda target: realtime_load(target, streams, options.chunk_ms, options.warmup, options.seconds),
+            )
+            result["workers"] = workers
+            report["realtime"].append(result)
+            print(
+                f"  p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
+                f"mean batch {result['server_batches'].get('mean_batch_size', 0):.1f}",
+                flush=True,
+            )
+        if options.skip_saturation:
+            continue
+        print(f"saturation: {workers} worker(s), {options.saturation_streams} streams ...", flush=True)
+        result = run_phase(
+            server_args,
+            lambda target: saturation_load(
+                target,
                 options.saturation_streams,
                 options.saturation_windows,
+                options.saturation_in_flight,
                 options.warmup,
                 options.seconds,
-            )
+            ),
         )
-        report["saturation"]["server_cpu_seconds"] = server.cpu_seconds() - cpu_before
-    finally:
-        log = server.stop()
-    report["saturation"]["server_batches"] = batch_stats(log, "silero_vad")
-    print(json.dumps(report["saturation"], indent=2), flush=True)
+        result["workers"] = workers
+        report["saturation"].append(result)
+        print(f"  {result['windows_per_second']:.0f} windows/s", flush=True)
 
-    batch = max(1, round(report["saturation"]["server_batches"].get("mean_batch_size", 1)))
-    torch_threads = max(1, (os.cpu_count() or 1) - 1)
-    print(f"raw model: batch {batch}, {torch_threads} torch thread(s) ...", flush=True)
-    report["raw_model"] = raw_model_throughput(batch, options.seconds / 2, torch_threads)
-    report["served_to_raw_ratio"] = report["saturation"]["windows_per_second"] / report["raw_model"]["windows_per_second"]
-    print(json.dumps(report["raw_model"], indent=2), flush=True)
-    print(f"served / raw throughput: {report['served_to_raw_ratio']:.2f}")
+    if report["saturation"]:
+        # The raw model runs at the batch size one server process reached.
+        batch = max(1, round(report["saturation"][0]["server_batches"].get("mean_batch_size", 1)))
+        torch_threads = max(1, (os.cpu_count() or 1) - 1)
+        print(f"raw model: batch {batch}, {torch_threads} torch thread(s) ...", flush=True)
+        report["raw_model"] = raw_model_throughput(batch, options.seconds / 2, torch_threads)
+        for result in report["saturation"]:
+            result["served_to_raw_ratio"] = result["windows_per_second"] / report["raw_model"]["windows_per_second"]
+        print(f"  {report['raw_model']['windows_per_second']:.0f} windows/s", flush=True)
 
     options.json.parent.mkdir(parents=True, exist_ok=True)
     options.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -391,36 +432,59 @@ def main() -> int:
     return 0
 
 
+def _cpu_percent(result: dict, key: str) -> str:
+    return f"{100 * result[key] / result['wall_seconds']:.0f}"
+
+
 def write_markdown(path: pathlib.Path, report: dict) -> None:
-    realtime, saturation, raw = report["realtime"], report["saturation"], report["raw_model"]
-    rt_batches = realtime.get("server_batches", {})
-    sat_batches = saturation.get("server_batches", {})
-    seconds = realtime["measured_seconds"]
+    """Replace this benchmark's section of BENCHMARKS.md, keeping the others."""
+    rows = []
+    for result in report["realtime"]:
+        batches = result.get("server_batches", {})
+        rows.append(
+            f"| {result['workers']} | {result['streams']} | {result['chunks_measured']} | {result['p50_ms']:.1f} | "
+            f"{result['p90_ms']:.1f} | {result['p99_ms']:.1f} | {result['max_ms']:.1f} | {result['chunk_errors']} | "
+            f"{result['chunks_unanswered']} | {batches.get('mean_batch_size', float('nan')):.1f} | "
+            f"{_cpu_percent(result, 'server_cpu_seconds')} | {_cpu_percent(result, 'client_cpu_seconds')} |"
+        )
+    first = report["realtime"][0]
     section = f"""## VAD streams (`make bench`)
 
-Date {report['date']}; machine: {report['machine']}. Client and server run on this one machine.
+Date {report['date']}. Machine: {report['machine']}. The load generator and the server share it.
 Command: `{report['command']}`.
 
-Real time: {realtime['streams']} streams, one {realtime['chunk_ms']} ms 16 kHz PCM16 chunk per stream every
-{realtime['chunk_ms']} ms, Silero VAD; latency from each chunk's scheduled send time to its ChunkAck,
-over {seconds:.0f} s after a warm-up.
+Real time: each stream sends one {first['chunk_ms']} ms 16 kHz PCM16 chunk of real speech every
+{first['chunk_ms']} ms to Silero VAD. Latency runs from each chunk's scheduled send time to the ChunkAck
+that covers it, over {first['measured_seconds']:.0f} s after a {report.get('warmup', 3)} s warm-up, so a late
+sender counts against the server. CPU % is CPU time over the phase's wall time, stream setup included
+(100 % = one core).
 
-| streams | chunks measured | p50 ms | p90 ms | p99 ms | max ms | chunk errors | unanswered | mean batch | server CPU % | client CPU % |
-| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
-| {realtime['streams']} | {realtime['chunks_measured']} | {realtime['p50_ms']:.1f} | {realtime['p90_ms']:.1f} | {realtime['p99_ms']:.1f} | {realtime['max_ms']:.1f} | {realtime['chunk_errors']} | {realtime['chunks_unanswered']} | {rt_batches.get('mean_batch_size', float('nan')):.1f} | {100 * realtime['server_cpu_seconds'] / (seconds + 4):.0f} | {100 * realtime['client_cpu_seconds'] / (seconds + 4):.0f} |
-
-CPU % is CPU time over the phase's wall time (100 % = one core); the server figure includes model
-loading-free steady state only approximately, since the phase also spans warm-up and stream setup.
-
-Saturation: {saturation['streams']} streams sending {saturation['windows_per_chunk']}-window chunks as fast as their
-in-flight window allows, against Silero VAD's inner model called directly in a loop at the server's
-mean batch size, with {raw['torch_threads']} torch thread(s):
-
-| served windows/s | mean batch | raw model windows/s at that batch | served / raw |
-| --- | --- | --- | --- |
-| {saturation['windows_per_second']:.0f} | {sat_batches.get('mean_batch_size', float('nan')):.1f} | {raw['windows_per_second']:.0f} | {report['served_to_raw_ratio']:.2f} |
+| workers | streams | chunks measured | p50 ms | p90 ms | p99 ms | max ms | chunk errors | unanswered | mean batch | server CPU % | client CPU % |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+{chr(10).join(rows)}
 """
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nFigures measured on the machine named in each section.\n\n"
+    if report["saturation"]:
+        raw = report["raw_model"]
+        saturation_rows = []
+        for result in report["saturation"]:
+            batches = result.get("server_batches", {})
+            saturation_rows.append(
+                f"| {result['workers']} | {result['windows_per_second']:.0f} | {batches.get('mean_batch_size', float('nan')):.1f} | "
+                f"{raw['windows_per_second']:.0f} | {result['served_to_raw_ratio']:.2f} | {result['chunk_errors']} | "
+                f"{_cpu_percent(result, 'server_cpu_seconds')} |"
+            )
+        sample = report["saturation"][0]
+        section += f"""
+Saturation: {sample['streams']} streams each keep {sample['chunks_in_flight']} chunks of {sample['windows_per_chunk']} VAD windows
+in flight, as fast as the server answers. The raw model is Silero VAD's inner model called directly
+in a loop, with state, at batch {raw['batch_size']} (the mean batch of one server process) and
+{raw['torch_threads']} torch thread(s), in the same run.
+
+| workers | served windows/s | mean batch | raw model windows/s | served / raw | chunk errors | server CPU % |
+| --- | --- | --- | --- | --- | --- | --- |
+{chr(10).join(saturation_rows)}
+"""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
     marker = "## VAD streams (`make bench`)"
     if marker in text:
         before, _, rest = text.partition(marker)

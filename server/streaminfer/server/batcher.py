@@ -82,6 +82,97 @@ class QueueFull(Exception):
     """The model's queue is at its bound."""
 
 
+class _FifoQueue:
+    """Work items of a stateless model, oldest first."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[WorkItem] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def append(self, item: WorkItem) -> None:
+        self._items.append(item)
+
+    def ready_count(self, running: set[int], limit: int) -> int:
+        return min(len(self._items), limit)
+
+    def oldest_arrival(self, running: set[int]) -> float | None:
+        return self._items[0].enqueued_at if self._items else None
+
+    def take(self, limit: int, running: set[int]) -> tuple[list[WorkItem], int]:
+        batch: list[WorkItem] = []
+        dropped = 0
+        while self._items and len(batch) < limit:
+            item = self._items.popleft()
+            if item.owner.closed:
+                dropped += 1
+            else:
+                batch.append(item)
+        return batch, dropped
+
+
+class _PerStreamQueue:
+    """Work items of a stateful model: one FIFO per stream, streams in turn.
+
+    A batch takes the head item of up to ``limit`` streams, skipping streams
+    whose previous item still runs, in O(batch) time however many items are
+    queued. A served stream goes to the back, so streams take turns.
+    """
+
+    def __init__(self) -> None:
+        self._lanes: collections.OrderedDict[int, collections.deque[WorkItem]] = collections.OrderedDict()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, item: WorkItem) -> None:
+        key = id(item.owner)
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = collections.deque()
+        lane.append(item)
+        self._size += 1
+
+    def ready_count(self, running: set[int], limit: int) -> int:
+        count = 0
+        for key in self._lanes:
+            if key not in running:
+                count += 1
+                if count >= limit:
+                    break
+        return count
+
+    def oldest_arrival(self, running: set[int]) -> float | None:
+        for key, lane in self._lanes.items():
+            if key not in running:
+                return lane[0].enqueued_at
+        return None
+
+    def take(self, limit: int, running: set[int]) -> tuple[list[WorkItem], int]:
+        batch: list[WorkItem] = []
+        dropped = 0
+        for key in list(self._lanes):
+            if len(batch) >= limit:
+                break
+            if key in running:
+                continue
+            lane = self._lanes[key]
+            if lane[0].owner.closed:
+                dropped += len(lane)
+                self._size -= len(lane)
+                del self._lanes[key]
+                continue
+            batch.append(lane.popleft())
+            self._size -= 1
+            if lane:
+                self._lanes.move_to_end(key)
+            else:
+                del self._lanes[key]
+        return batch, dropped
+
+
 class ModelRunner:
     """Queue, batcher and inference workers of one model."""
 
@@ -107,8 +198,11 @@ class ModelRunner:
         self._max_delay = config.batching.max_queue_delay_ms / 1000.0
         self._max_queue = config.batching.max_queue_size
         self._stateful = model.info.stateful
-        self._queue: collections.deque[WorkItem] = collections.deque()
-        self._cond = threading.Condition()
+        self._queue: _FifoQueue | _PerStreamQueue = _PerStreamQueue() if self._stateful else _FifoQueue()
+        lock = threading.Lock()
+        # Workers wait on _cond for items; submitters wait on _space for room.
+        self._cond = threading.Condition(lock)
+        self._space = threading.Condition(lock)
         self._owners_running: set[int] = set()
         self._stopping = False
         self._busy = 0
@@ -136,32 +230,50 @@ class ModelRunner:
     def busy_instances(self) -> int:
         return self._busy
 
-    def submit(self, items: Sequence[WorkItem]) -> None:
-        """Queue items from the event loop. Raises QueueFull when the bound would be passed."""
-        now = self._clock()
+    def submit(self, items: Sequence[WorkItem], timeout: float | None = None) -> None:
+        """Queue items, waiting up to ``timeout`` seconds for room.
+
+        Raises QueueFull when the bound would still be passed then. With no
+        timeout it never blocks, so the event loop may call it.
+        """
         with self._cond:
+            if len(items) > self._max_queue:
+                raise QueueFull(
+                    f"model {self.config.name!r}: {len(items)} items at once exceed the queue limit of {self._max_queue}"
+                )
+            if len(self._queue) + len(items) > self._max_queue and timeout:
+                self._space.wait_for(lambda: len(self._queue) + len(items) <= self._max_queue, timeout)
             if len(self._queue) + len(items) > self._max_queue:
-                raise QueueFull(f"model {self.config.name!r} has {len(self._queue)} items queued, the limit is {self._max_queue}")
+                raise QueueFull(
+                    f"model {self.config.name!r} has {len(self._queue)} items queued, the limit is {self._max_queue}"
+                )
+
+            now = self._clock()
+            was_empty = len(self._queue) == 0
             was_below = len(self._queue) < self._max_batch
             for item in items:
                 item.enqueued_at = now
                 self._queue.append(item)
             # Wake a worker only when it has something new to decide: the
             # first item starts a delay window, a full batch ends it.
-            if len(self._queue) == len(items) or (was_below and len(self._queue) >= self._max_batch):
+            if was_empty or (was_below and len(self._queue) >= self._max_batch):
                 self._cond.notify()
 
     def _take_batch(self) -> list[WorkItem] | None:
         """Wait for and remove the next batch. Returns None when stopping."""
         with self._cond:
             while True:
-                while not self._queue and not self._stopping:
+                oldest = self._queue.oldest_arrival(self._owners_running)
+                while oldest is None and not self._stopping:
                     self._cond.wait()
+                    oldest = self._queue.oldest_arrival(self._owners_running)
                 if self._stopping:
                     return None
 
-                close_at = self._queue[0].enqueued_at + self._max_delay
-                while len(self._queue) < self._max_batch and not self._stopping:
+                close_at = oldest + self._max_delay
+                while not self._stopping:
+                    if self._queue.ready_count(self._owners_running, self._max_batch) >= self._max_batch:
+                        break
                     remaining = close_at - self._clock()
                     if remaining <= 0:
                         break
@@ -169,43 +281,18 @@ class ModelRunner:
                 if self._stopping:
                     return None
 
-                batch = self._select()
+                batch, dropped = self._queue.take(self._max_batch, self._owners_running)
+                self.stats.dropped_closed += dropped
+                if dropped or batch:
+                    self._space.notify_all()
                 if batch:
+                    if self._stateful:
+                        self._owners_running.update(id(item.owner) for item in batch)
                     if len(batch) >= self._max_batch:
                         self.stats.closed_full += 1
                     else:
                         self.stats.closed_delay += 1
                     return batch
-                if self._queue:
-                    # Only items of streams already running on another
-                    # instance are left; wait for that batch to finish.
-                    self._cond.wait(self._max_delay or 0.001)
-
-    def _select(self) -> list[WorkItem]:
-        """Pick up to max_batch_size runnable items, keeping the rest in order."""
-        batch: list[WorkItem] = []
-        kept: collections.deque[WorkItem] = collections.deque()
-        in_batch: set[int] = set()
-        dropped: list[WorkItem] = []
-        while self._queue:
-            item = self._queue.popleft()
-            if item.owner.closed:
-                dropped.append(item)
-                continue
-            if len(batch) >= self._max_batch:
-                kept.append(item)
-                continue
-            if self._stateful:
-                key = id(item.owner)
-                if key in in_batch or key in self._owners_running:
-                    kept.append(item)
-                    continue
-                in_batch.add(key)
-            batch.append(item)
-        self._queue = kept
-        self._owners_running.update(in_batch)
-        self.stats.dropped_closed += len(dropped)
-        return batch
 
     def _work(self) -> None:
         torch.set_num_threads(self._torch_threads)

@@ -42,6 +42,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 NO_SEQUENCE_NUMBER = -(1 << 63)
+# Seconds a decode thread waits for room in a model's full queue before the
+# chunk fails with OVERFLOW. While it waits, the streams of its lane wait too,
+# and their readers stop at their in-flight windows: backpressure, not loss.
+SUBMIT_TIMEOUT_S = 10.0
 MAX_SAMPLE_RATE_HERTZ = 384_000
 MIN_SAMPLE_RATE_HERTZ = 1_000
 MAX_AUDIO_CHANNELS = 32
@@ -410,7 +414,7 @@ class Session:
                     )
                 )
             try:
-                slot.runner.submit(items)
+                slot.runner.submit(items, timeout=SUBMIT_TIMEOUT_S)
             except QueueFull as error:
                 sequence_numbers = range(inputs[0].first_sequence_number, inputs[-1].last_sequence_number + 1)
                 self._call_on_loop(

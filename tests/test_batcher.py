@@ -1,0 +1,162 @@
+"""The dynamic batcher: batch limits, delay from first arrival, per-stream order, bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from streaminfer.server.batcher import ModelRunner, QueueFull, WorkItem
+from streaminfer.server.config import BatchingConfig, ModelConfig
+from streaminfer.server.models.base import DecodedChunk, Model, ModelInfo, ModelInput, StreamOptions
+from streaminfer.v1 import streaminfer_pb2 as pb
+
+
+class RecordingModel(Model):
+    """Records each batch; stateful when asked. Its outputs are its inputs."""
+
+    def __init__(self, stateful: bool, delay_s: float = 0.0) -> None:
+        self.info = ModelInfo(name="recording", modality=pb.MODALITY_AUDIO, description="", stateful=stateful)
+        self.batches: list[list[Any]] = []
+        self.delay_s = delay_s
+
+    def load(self, device: str) -> None:
+        pass
+
+    def preprocess(self, state: Any, chunk: DecodedChunk) -> list[ModelInput]:
+        raise NotImplementedError
+
+    def run_batch(self, inputs: Sequence[ModelInput], states: Sequence[Any]) -> list[Any]:
+        self.batches.append([item.data for item in inputs])
+        time.sleep(self.delay_s)
+        return [item.data for item in inputs]
+
+    def postprocess(self, state: Any, item: ModelInput, output: Any, options: StreamOptions) -> list[pb.StreamResult]:
+        return []
+
+
+@dataclasses.dataclass(eq=False)
+class Owner:
+    options: StreamOptions
+    closed: bool = False
+
+
+class Harness:
+    """A runner on a private event loop thread, collecting delivered items."""
+
+    def __init__(self, model: Model, batching: BatchingConfig, instances: int = 1) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.delivered: list[WorkItem] = []
+        self.done = threading.Event()
+        self.expected = 0
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        config = ModelConfig(name="recording", kind="noop", batching=batching, instances=instances)
+        self.runner = ModelRunner(model, config, "cpu", self._deliver, self.loop)
+        self.runner.start()
+
+    def _deliver(self, items: list[WorkItem]) -> None:
+        self.delivered.extend(items)
+        if len(self.delivered) >= self.expected:
+            self.done.set()
+
+    def item(self, owner: Owner, data: Any) -> WorkItem:
+        return WorkItem(owner=owner, slot=None, model_input=ModelInput(data, 0, 0, 0), index=0, inference_state=None, preprocess_state=None)
+
+    def close(self) -> None:
+        self.runner.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
+def owner(name: str) -> Owner:
+    return Owner(StreamOptions(stream_id=name, interim_results=False))
+
+
+def test_full_batch_closes_before_delay() -> None:
+    model = RecordingModel(stateful=False)
+    harness = Harness(model, BatchingConfig(max_batch_size=4, max_queue_delay_ms=5_000))
+    harness.expected = 8
+    stream = owner("a")
+    started = time.monotonic()
+    harness.runner.submit([harness.item(stream, i) for i in range(8)])
+    assert harness.done.wait(timeout=10)
+    elapsed = time.monotonic() - started
+    harness.close()
+    assert model.batches == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert elapsed < 2.5, "full batches waited for the 5 s queue delay"
+    assert harness.runner.stats.closed_full == 2
+
+
+def test_partial_batch_closes_at_delay() -> None:
+    model = RecordingModel(stateful=False)
+    harness = Harness(model, BatchingConfig(max_batch_size=64, max_queue_delay_ms=200))
+    harness.expected = 3
+    stream = owner("a")
+    harness.runner.submit([harness.item(stream, 0)])
+    time.sleep(0.1)
+    harness.runner.submit([harness.item(stream, 1), harness.item(stream, 2)])
+    assert harness.done.wait(timeout=10)
+    harness.close()
+    # Items that came within the window from the first arrival share its batch.
+    assert model.batches == [[0, 1, 2]]
+    assert harness.runner.stats.closed_delay == 1
+
+
+def test_stateful_batch_takes_one_item_per_stream() -> None:
+    model = RecordingModel(stateful=True)
+    harness = Harness(model, BatchingConfig(max_batch_size=8, max_queue_delay_ms=20), instances=2)
+    streams = [owner(name) for name in "abc"]
+    harness.expected = 12
+    for stream in streams:
+        harness.runner.submit([harness.item(stream, (stream.options.stream_id, i)) for i in range(4)])
+    assert harness.done.wait(timeout=10)
+    harness.close()
+
+    for batch in model.batches:
+        names = [name for name, _ in batch]
+        assert len(names) == len(set(names)), f"a batch held two items of one stream: {batch}"
+    for stream in streams:
+        order = [i for batch in model.batches for name, i in batch if name == stream.options.stream_id]
+        assert order == [0, 1, 2, 3]
+
+
+def test_closed_stream_items_are_dropped() -> None:
+    model = RecordingModel(stateful=False, delay_s=0.2)
+    harness = Harness(model, BatchingConfig(max_batch_size=1, max_queue_delay_ms=0))
+    alive, gone = owner("alive"), owner("gone")
+    harness.expected = 2
+    harness.runner.submit([harness.item(alive, "first")])
+    time.sleep(0.05)
+    harness.runner.submit([harness.item(gone, "dropped"), harness.item(alive, "second")])
+    gone.closed = True
+    assert harness.done.wait(timeout=10)
+    harness.close()
+    assert model.batches == [["first"], ["second"]]
+    assert harness.runner.stats.dropped_closed == 1
+
+
+def test_full_queue_fails_fast_without_timeout() -> None:
+    model = RecordingModel(stateful=False, delay_s=0.5)
+    harness = Harness(model, BatchingConfig(max_batch_size=1, max_queue_delay_ms=0, max_queue_size=2))
+    stream = owner("a")
+    harness.runner.submit([harness.item(stream, 0)])
+    time.sleep(0.05)  # item 0 is running; the queue is empty again
+    harness.runner.submit([harness.item(stream, 1), harness.item(stream, 2)])
+    started = time.monotonic()
+    with pytest.raises(QueueFull) as error:
+        harness.runner.submit([harness.item(stream, 3)])
+    assert time.monotonic() - started < 0.1
+    assert "the limit is 2" in str(error.value)
+
+    # With a timeout the same submission waits for room instead.
+    harness.expected = 4
+    harness.runner.submit([harness.item(stream, 3)], timeout=5)
+    assert harness.done.wait(timeout=10)
+    harness.close()
+    assert [batch[0] for batch in model.batches] == [0, 1, 2, 3]
