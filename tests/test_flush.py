@@ -105,3 +105,22 @@ def test_flush_all_closes_open_speech(channel) -> None:
     rest = list(responses)
     assert any(ack.last_sequence_number == 1000 for response in rest for ack in response.acks)
     assert rest[-1].HasField("stream_end")
+
+
+def test_long_sentence_does_not_stall_window(channel, server) -> None:
+    window = server.config.limits.max_chunks_in_flight
+    words = [f"word{i} ".encode() for i in range(window * 2)]
+    config = pb.StreamConfig(models=[pb.ModelSelection(model="minilm_embedding")])
+    requests, responses = open_stream(channel, config)
+    read_until(responses, lambda r: r.HasField("session_accepted"))
+
+    for sequence_number, word in enumerate(words):
+        requests.put(pb.StreamRequest(text=pb.TextChunk(sequence_number=sequence_number, text=word)))
+    requests.put(None)
+    rest = list(responses)
+
+    acked = sorted(seq for r in rest for ack in r.acks for seq in range(ack.first_sequence_number, ack.last_sequence_number + 1))
+    assert acked == list(range(len(words)))
+    texts = [result.embedding.text for r in rest for result in r.results]
+    assert len(texts) >= 2, "the stalled window was not flushed before the end of input"
+    assert " ".join(texts).split() == [word.decode().strip() for word in words]

@@ -58,8 +58,11 @@ class LimitsConfig:
     # stops reading the stream at this count, so HTTP/2 flow control keeps
     # the rest on the client.
     max_chunks_in_flight: int = 64
-    # Seconds a write to a client may wait for HTTP/2 flow-control credit.
-    write_timeout_s: float = 10.0
+    # Seconds a stream's full in-flight window may go without any chunk
+    # answered before the server flushes the stream's buffered input. Without
+    # it, chunks that all wait for more input (words of one long sentence, a
+    # user model's long window) would wait for input the window keeps out.
+    stalled_window_flush_s: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -95,6 +98,15 @@ def _positive_int(table: Mapping[str, Any], key: str, default: int, where: str) 
         f"{where}.{key} = {value!r} is invalid: expected an integer >= 1",
     )
     return int(value)
+
+
+def _positive_seconds(table: Mapping[str, Any], key: str, default: float, where: str) -> float:
+    value = table.get(key, default)
+    _require(
+        isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+        f"{where}.{key} = {value!r} is invalid: expected seconds > 0",
+    )
+    return float(value)
 
 
 def _batching_from(table: Mapping[str, Any], where: str) -> BatchingConfig:
@@ -162,7 +174,9 @@ def config_from_mapping(data: Mapping[str, Any]) -> ServerConfig:
         max_frame_dimension=_positive_int(limits_table, "max_frame_dimension", default_limits.max_frame_dimension, "limits"),
         max_text_chunk_bytes=_positive_int(limits_table, "max_text_chunk_bytes", default_limits.max_text_chunk_bytes, "limits"),
         max_chunks_in_flight=_positive_int(limits_table, "max_chunks_in_flight", default_limits.max_chunks_in_flight, "limits"),
-        write_timeout_s=float(limits_table.get("write_timeout_s", default_limits.write_timeout_s)),
+        stalled_window_flush_s=_positive_seconds(
+            limits_table, "stalled_window_flush_s", default_limits.stalled_window_flush_s, "limits"
+        ),
     )
     models = tuple(model_from_table(table, i) for i, table in enumerate(data.get("models", [])))
     names = [model.name for model in models]

@@ -280,7 +280,10 @@ class Session:
         # 2. Wait for room in the window. While waiting, this stream is not read.
         while self._in_flight >= self._limits.max_chunks_in_flight:
             self._window_open.clear()
-            await self._window_open.wait()
+            try:
+                await asyncio.wait_for(self._window_open.wait(), self._limits.stalled_window_flush_s)
+            except TimeoutError:
+                self._flush_stalled_window()
         self._in_flight += 1
         ledger.pending.append(sequence_number)
         ledger.last_sequence_number = sequence_number
@@ -295,6 +298,17 @@ class Session:
         self._executor.decode.submit(
             self._lane, functools.partial(self._decode_job, ledger, content, sequence_number, client_time)
         )
+
+    def _flush_stalled_window(self) -> None:
+        # No chunk was answered for a while with the window full: every chunk
+        # in flight may be waiting for input that the window keeps out.
+        logger.info(
+            "stream %s: no chunk answered for %.1f s with %d in flight; flushing buffered input",
+            self.stream_id,
+            self._limits.stalled_window_flush_s,
+            self._in_flight,
+        )
+        self._executor.decode.submit(self._lane, functools.partial(self._flush_job, False))
 
     def _decode_job(self, ledger: Ledger, content: bytes, sequence_number: int, client_time: float | None) -> None:
         """Decode one chunk and queue its model inputs. Runs on the stream's decode thread."""
