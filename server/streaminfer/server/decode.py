@@ -111,6 +111,7 @@ class TextDecoder:
 @dataclasses.dataclass(slots=True)
 class DecodeStats:
     jobs: int = 0
+    hand_offs: int = 0
     failed_jobs: int = 0
     busy_seconds: float = 0.0
 
@@ -129,7 +130,14 @@ class DecodeStage:
 
     def __init__(self, threads: int, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._loop = loop
-        self._lanes: list[queue.SimpleQueue[Callable[[], None] | None]] = [queue.SimpleQueue() for _ in range(threads)]
+        self._lanes: list[queue.SimpleQueue[list[Callable[[], None]] | None]] = [
+            queue.SimpleQueue() for _ in range(threads)
+        ]
+        # Jobs submitted during the current event-loop iteration, per lane.
+        # They go to the lane in one hand-off, so a busy loop wakes each
+        # decode thread once per iteration instead of once per chunk.
+        self._pending: list[list[Callable[[], None]]] = [[] for _ in range(threads)]
+        self._hand_off_scheduled = False
         self._threads = [
             threading.Thread(target=self._work, args=(lane,), name=f"streaminfer-decode-{index}", daemon=True)
             for index, lane in enumerate(self._lanes)
@@ -153,6 +161,7 @@ class DecodeStage:
 
     @property
     def queue_depth(self) -> int:
+        """Hand-offs waiting for a decode thread; each holds one or more jobs."""
         return sum(lane.qsize() for lane in self._lanes)
 
     def assign_lane(self) -> int:
@@ -160,8 +169,18 @@ class DecodeStage:
         return next(self._next_lane) % len(self._lanes)
 
     def submit(self, lane: int, job: Callable[[], None]) -> None:
-        """Queue ``job`` on ``lane`` without blocking. Jobs of one lane run in order."""
-        self._lanes[lane].put(job)
+        """Queue ``job`` on ``lane`` without blocking; call on the event loop. Jobs of one lane run in order."""
+        self._pending[lane].append(job)
+        if not self._hand_off_scheduled:
+            self._hand_off_scheduled = True
+            asyncio.get_running_loop().call_soon(self._hand_off)
+
+    def _hand_off(self) -> None:
+        self._hand_off_scheduled = False
+        for lane, jobs in zip(self._lanes, self._pending):
+            if jobs:
+                lane.put(jobs.copy())
+                jobs.clear()
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
         """Run ``function(*args)`` on a decode thread and return its result or raise its error."""
@@ -179,19 +198,21 @@ class DecodeStage:
         self.submit(self.assign_lane(), job)
         return await future
 
-    def _work(self, lane: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+    def _work(self, lane: queue.SimpleQueue[list[Callable[[], None]] | None]) -> None:
         while True:
-            job = lane.get()
-            if job is None:
+            jobs = lane.get()
+            if jobs is None:
                 return
             started = time.perf_counter()
-            try:
-                job()
-            except Exception:
-                # Jobs report their own errors; reaching here is a bug in one.
-                self.stats.failed_jobs += 1
-                logger.exception("decode job failed")
-            self.stats.jobs += 1
+            for job in jobs:
+                try:
+                    job()
+                except Exception:
+                    # Jobs report their own errors; reaching here is a bug in one.
+                    self.stats.failed_jobs += 1
+                    logger.exception("decode job failed")
+            self.stats.jobs += len(jobs)
+            self.stats.hand_offs += 1
             self.stats.busy_seconds += time.perf_counter() - started
 
 

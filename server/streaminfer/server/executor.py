@@ -68,8 +68,9 @@ class Executor:
             )
         decode = self.decode.stats
         logger.info(
-            "decode: %d jobs on %d thread(s), %.2f s busy, %d failed",
+            "decode: %d jobs in %d hand-offs on %d thread(s), %.2f s busy, %d failed",
             decode.jobs,
+            decode.hand_offs,
             self.decode.lanes,
             decode.busy_seconds,
             decode.failed_jobs,
