@@ -8,7 +8,7 @@ runs it:
   ``max_queue_delay`` has passed since its first item arrived, whichever comes
   first. The delay counts from that item's arrival, not from when the worker
   got to it, so a busy worker does not stretch the tail.
-- For stateful models a batch holds at most one item per stream, and a stream
+- For stateful models a batch contains at most one item per stream, and a stream
   whose item is running on one instance waits for it before another instance
   takes its next item. So per-stream state is updated in order.
 - Items of closed streams are dropped before the batch runs.

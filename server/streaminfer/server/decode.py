@@ -161,7 +161,7 @@ class DecodeStage:
 
     @property
     def queue_depth(self) -> int:
-        """Hand-offs waiting for a decode thread; each holds one or more jobs."""
+        """Hand-offs waiting for a decode thread. Each contains one or more jobs."""
         return sum(lane.qsize() for lane in self._lanes)
 
     def assign_lane(self) -> int:

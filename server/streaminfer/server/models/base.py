@@ -123,7 +123,7 @@ class Model(abc.ABC):
     def run_batch(self, inputs: Sequence[ModelInput], states: Sequence[Any]) -> list[Any]:
         """Run one batch and return one output per input, in order.
 
-        ``states`` holds each item's stream inference state (None for
+        ``states`` contains each item's stream inference state (None for
         stateless models). Raising fails every item of the batch; returning an
         exception instance in place of an output fails that item only.
         """
