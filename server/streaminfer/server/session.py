@@ -241,7 +241,7 @@ class Session:
                     action = request.control.action
                     if action == pb.CONTROL_ACTION_FLUSH:
                         self._executor.decode.submit(
-                            self._lane, functools.partial(self._flush_job, False, request.control.modality)
+                            self._lane, self._flush_job_for(ends_input=False, modality=request.control.modality)
                         )
                     elif action == pb.CONTROL_ACTION_END_OF_INPUT:
                         break
@@ -253,7 +253,7 @@ class Session:
                     raise FailedPrecondition("config was sent twice: only the first StreamRequest carries config")
                 else:
                     raise InvalidArgument("StreamRequest is empty: set one of config, audio, frame, text, control")
-            self._executor.decode.submit(self._lane, functools.partial(self._flush_job, True))
+            self._executor.decode.submit(self._lane, self._flush_job_for(ends_input=True))
         except StreaminferError as error:
             self.failure = error
             self._wake_writer()
@@ -308,7 +308,7 @@ class Session:
             self._limits.stalled_window_flush_s,
             self._in_flight,
         )
-        self._executor.decode.submit(self._lane, functools.partial(self._flush_job, False))
+        self._executor.decode.submit(self._lane, self._flush_job_for(ends_input=False))
 
     def _decode_job(self, ledger: Ledger, content: bytes, sequence_number: int, client_time: float | None) -> None:
         """Decode one chunk and queue its model inputs. Runs on the stream's decode thread."""
@@ -321,16 +321,30 @@ class Session:
             return
         self._submit(ledger, prepared)
 
-    def _flush_job(self, ends_input: bool, modality: int = pb.MODALITY_UNSPECIFIED) -> None:
-        """Queue the models' buffered inputs, of one modality or all. Runs on the stream's decode thread."""
+    def _flush_job_for(self, ends_input: bool, modality: int = pb.MODALITY_UNSPECIFIED) -> Callable[[], None]:
+        """Return a decode job that flushes the chunks received so far, of one modality or all.
+
+        The last sequence numbers are read now, on the loop: by the time the
+        job runs, the reader may have received later chunks, which must not
+        count as flushed.
+        """
+        last_received = {
+            ledger.modality: ledger.last_sequence_number
+            for ledger in self._ledgers.values()
+            if ledger.last_sequence_number is not None and modality in (pb.MODALITY_UNSPECIFIED, ledger.modality)
+        }
+        return functools.partial(self._flush_job, ends_input, last_received)
+
+    def _flush_job(self, ends_input: bool, last_received: dict[int, int]) -> None:
+        """Queue the models' buffered inputs. Runs on the stream's decode thread."""
         if self.closed:
             return
-        for ledger in self._ledgers.values():
-            if ledger.last_sequence_number is None:
-                continue
-            if modality not in (pb.MODALITY_UNSPECIFIED, ledger.modality):
-                continue
-            self._submit(ledger, self._prepare_flush(ledger))
+        for modality, last_sequence_number in last_received.items():
+            ledger = self._ledgers[modality]
+            prepared = [
+                (slot, slot.runner.model.flush(slot.preprocess_state, last_sequence_number)) for slot in ledger.slots
+            ]
+            self._submit(ledger, prepared)
         if ends_input:
             # Scheduled after the flushed items were submitted, so the loop
             # cannot see the stream as finished before their results arrive.
@@ -403,12 +417,6 @@ class Session:
                 raise ChunkRejected(pb.CHUNK_ERROR_REASON_MODEL_FAILED, f"{slot.name} failed to preprocess: {error}") from error
             prepared.append((slot, inputs))
         return prepared
-
-    def _prepare_flush(self, ledger: Ledger) -> list[tuple[ModelSlot, list[ModelInput]]]:
-        assert ledger.last_sequence_number is not None
-        return [
-            (slot, slot.runner.model.flush(slot.preprocess_state, ledger.last_sequence_number)) for slot in ledger.slots
-        ]
 
     def _submit(self, ledger: Ledger, prepared: Iterable[tuple[ModelSlot, list[ModelInput]]]) -> None:
         """Queue model inputs on their runners. Runs on the stream's decode thread."""
