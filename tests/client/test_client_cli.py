@@ -222,7 +222,8 @@ def test_cli_stream_json_against_fake(tmp_path: pathlib.Path) -> None:
         )
 
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert status == 0
+    # One text chunk failed on the fake server, so the exit status says so.
+    assert status == 3
     assert lines[0]["event"] == "sessionAccepted"
     assert lines[-1]["event"] == "summary"
     assert lines[-2]["event"] == "streamEnd"
@@ -341,3 +342,31 @@ def test_cli_models_and_infer_against_fake(capsys: pytest.CaptureFixture[str]) -
     assert models_out.splitlines()[0].startswith("silero_vad           audio  cpu")
     assert not_found.startswith("streaminfer-client: error: NOT_FOUND: model 'nope' not found")
     assert infer_out == '[infer] minilm_embedding 4-d "Hi."\n'
+
+
+def test_target_gets_default_port() -> None:
+    from streaminfer.client._client import with_default_port
+
+    assert with_default_port("localhost") == "localhost:50051"
+    assert with_default_port("10.1.2.3:7000") == "10.1.2.3:7000"
+    assert with_default_port("::1") == "[::1]:50051"
+    assert with_default_port("[::1]") == "[::1]:50051"
+    assert with_default_port("[::1]:9000") == "[::1]:9000"
+    assert with_default_port("unix:/tmp/socket") == "unix:/tmp/socket"
+
+
+def test_float_wav_error_says_what_to_do(tmp_path, capsys) -> None:
+    import struct
+
+    path = tmp_path / "float.wav"
+    samples = struct.pack("<4f", 0.0, 0.1, -0.1, 0.0)
+    fmt = struct.pack("<HHIIHH", 3, 1, 16000, 64000, 4, 32)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(samples)) + samples
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+
+    status = main(["stream", "--audio", str(path)], out=io.StringIO())
+
+    assert status == 2
+    error = capsys.readouterr().err
+    assert "32-bit float samples are not supported" in error
+    assert "sox" in error

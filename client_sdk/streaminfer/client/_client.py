@@ -10,7 +10,7 @@ import grpc
 
 from streaminfer.client._config import AudioFormat, VideoFormat
 from streaminfer.client._errors import error_from_rpc_error
-from streaminfer.client._options import DEFAULT_TARGET, ClientOptions, create_channel
+from streaminfer.client._options import DEFAULT_PORT, DEFAULT_TARGET, ClientOptions, create_channel
 from streaminfer.client._session import StreamSession
 from streaminfer.v1 import streaminfer_pb2 as pb
 from streaminfer.v1 import streaminfer_pb2_grpc as pb_grpc
@@ -20,6 +20,22 @@ __all__ = ["AsyncClient"]
 logger = logging.getLogger(__name__)
 
 _Response = TypeVar("_Response")
+
+
+def with_default_port(target: str) -> str:
+    """Return ``target`` with the server's default port when it names none.
+
+    gRPC itself would otherwise dial port 443 for a bare host name.
+    """
+    if "://" in target or target.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+        return target
+    if target.startswith("["):
+        return target if "]:" in target else f"{target}:{DEFAULT_PORT}"
+    if target.count(":") > 1:
+        return f"[{target}]:{DEFAULT_PORT}"  # a bare IPv6 address
+    if ":" in target:
+        return target
+    return f"{target}:{DEFAULT_PORT}"
 
 
 class AsyncClient:
@@ -38,7 +54,7 @@ class AsyncClient:
         options: ClientOptions | None = None,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        self.target = target
+        self.target = with_default_port(target)
         self.options = options or ClientOptions()
         self._credentials = credentials
         self._channel: grpc.aio.Channel | None = None

@@ -36,8 +36,23 @@ class MediaChunk:
 
 def read_wav_format(path: str | os.PathLike[str]) -> AudioFormat:
     """Return the audio format of a 16-bit PCM WAV file; raises ValueError for other sample sizes."""
-    with wave.open(os.fspath(path), "rb") as reader:
+    with _open_wav(path) as reader:
         return _wav_format(reader, path)
+
+
+def _open_wav(path: str | os.PathLike[str]) -> wave.Wave_read:
+    """Open a WAV file, turning the wave module's terse errors into ones that say what to do."""
+    try:
+        return wave.open(os.fspath(path), "rb")
+    except wave.Error as error:
+        if "unknown format: 3" in str(error):
+            detail = "32-bit float samples are not supported by the WAV reader"
+        else:
+            detail = f"not a PCM WAV file ({error})"
+        raise ValueError(
+            f"{os.fspath(path)}: {detail}: expected 16-bit PCM; "
+            "convert the file, for example with `sox IN -b 16 -e signed-integer OUT.wav`"
+        ) from error
 
 
 def _wav_format(reader: wave.Wave_read, path: str | os.PathLike[str]) -> AudioFormat:
@@ -64,7 +79,7 @@ def iter_wav_chunks(
         raise ValueError(f"chunk_ms = {chunk_ms!r} is invalid: expected milliseconds > 0")
     _check_max_seconds(max_seconds)
 
-    with wave.open(os.fspath(path), "rb") as reader:
+    with _open_wav(path) as reader:
         audio_format = _wav_format(reader, path)
         rate = audio_format.sample_rate_hertz
         frames_per_chunk = max(1, round(rate * chunk_ms / 1000))

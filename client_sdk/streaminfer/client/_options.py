@@ -14,7 +14,8 @@ from streaminfer.client._version import __version__
 
 __all__ = ["ClientOptions", "DEFAULT_TARGET"]
 
-DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_PORT = 50051
+DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORT}"
 
 _SERVICE = "streaminfer.v1.InferenceService"
 _UNARY_METHODS = ("Infer", "ListModels", "GetModel")

@@ -25,6 +25,7 @@ from streaminfer.client._media import (
     read_wav_format,
     video_frame_rate,
 )
+from streaminfer.client._media import _open_wav as open_wav
 from streaminfer.client._options import DEFAULT_TARGET, ClientOptions
 from streaminfer.client._output import event_json, format_event, format_result, json_line, summary_json, summary_lines
 from streaminfer.client._pacing import paced_async
@@ -45,6 +46,8 @@ DEFAULT_MODELS = {
 EXIT_OK = 0
 EXIT_RPC_FAILED = 1
 EXIT_USAGE = 2
+# The stream ended normally, but the server reported some chunks as failed.
+EXIT_CHUNKS_FAILED = 3
 EXIT_INTERRUPTED = 130
 
 
@@ -316,6 +319,14 @@ async def run_stream(args: argparse.Namespace, out: TextIO) -> int:
     if unanswered:
         print(f"streaminfer-client: error: {unanswered} chunk(s) were never acked or failed", file=sys.stderr)
         return EXIT_RPC_FAILED
+    failed = sum(counts.failed for counts in session.stats.modalities.values())
+    if failed:
+        print(
+            f"streaminfer-client: error: the server rejected or dropped {failed} chunk(s); "
+            "the chunk failed lines above say why",
+            file=sys.stderr,
+        )
+        return EXIT_CHUNKS_FAILED
     return EXIT_OK
 
 
@@ -378,7 +389,7 @@ def _format_infer_result(result: Result) -> str:
 
 
 def _read_wav_samples(path: str) -> bytes:
-    with wave.open(path, "rb") as reader:
+    with open_wav(path) as reader:
         return reader.readframes(reader.getnframes())
 
 
@@ -397,7 +408,10 @@ def _first_error(group: BaseExceptionGroup) -> BaseException:
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
-    """Run the command line; return the exit status (0 ok, 1 call failed, 2 bad input, 130 interrupted)."""
+    """Run the command line; return the exit status.
+
+    0 ok, 1 call failed, 2 bad input, 3 some chunks failed, 130 interrupted.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     out = out or sys.stdout

@@ -29,6 +29,10 @@ GC_YOUNG_THRESHOLD = 50_000
 _MESSAGE_OVERHEAD_BYTES = 64 * 1024
 
 
+class BindError(Exception):
+    """The server cannot listen on the configured address."""
+
+
 class StreaminferServer:
     """Loads the models, then serves InferenceService with health and reflection."""
 
@@ -41,9 +45,10 @@ class StreaminferServer:
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> int:
-        """Load models and start serving; return the bound port."""
-        await self.executor.start()
-        _tune_garbage_collector()
+        """Bind the port, load the models, and start serving; return the bound port.
+
+        The port is bound first, so a busy port fails before the models load.
+        """
         max_message = self.config.limits.max_frame_bytes + _MESSAGE_OVERHEAD_BYTES
         self._server = grpc.aio.server(
             options=[
@@ -56,16 +61,25 @@ class StreaminferServer:
                 ("grpc.so_reuseport", 1 if self.config.reuse_port else 0),
             ]
         )
+        address = f"{self.config.host}:{self.config.port}"
+        if ":" in self.config.host and not self.config.host.startswith("["):
+            address = f"[{self.config.host}]:{self.config.port}"
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError as error:
+            raise BindError(
+                f"cannot listen on {address}: {error}; the port may be in use or the host not local. "
+                "Pick another with --port (0 picks a free one) or --host"
+            ) from error
+
+        await self.executor.start()
+        _tune_garbage_collector()
         pb_grpc.add_InferenceServiceServicer_to_server(self.service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._server,
         )
-        address = f"{self.config.host}:{self.config.port}"
-        if ":" in self.config.host and not self.config.host.startswith("["):
-            address = f"[{self.config.host}]:{self.config.port}"
-        self.port = self._server.add_insecure_port(address)
         await self._server.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import os
 import sys
@@ -13,18 +12,20 @@ from streaminfer.server.config import ConfigError, default_config_text, load_con
 
 
 def _serve(options: argparse.Namespace) -> int:
-    try:
-        config = load_config(options.config)
-    except (ConfigError, OSError) as error:
-        print(f"streaminfer: {error}", file=sys.stderr)
-        return 2
     overrides = {
         "host": options.host,
         "port": options.port,
         "decode_threads": options.decode_threads,
         "torch_threads": options.torch_threads,
     }
-    config = dataclasses.replace(config, **{key: value for key, value in overrides.items() if value is not None})
+    try:
+        config = load_config(options.config, overrides)
+    except (ConfigError, OSError) as error:
+        print(f"streaminfer: {error}", file=sys.stderr)
+        return 2
+    if options.grace < 0:
+        print(f"streaminfer: --grace {options.grace} is invalid: expected seconds >= 0", file=sys.stderr)
+        return 2
 
     # Inference and decode threads take the GIL back from the busy event
     # loop several times per batch. At Python's default 5 ms switch interval
@@ -40,10 +41,14 @@ def _serve(options: argparse.Namespace) -> int:
 
     import uvloop
 
-    from streaminfer.server.app import serve
+    from streaminfer.server.app import BindError, serve
 
     sys.setswitchinterval(switch_interval)
-    uvloop.run(serve(config, grace=options.grace))
+    try:
+        uvloop.run(serve(config, grace=options.grace))
+    except BindError as error:
+        print(f"streaminfer: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

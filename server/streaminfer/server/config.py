@@ -164,9 +164,58 @@ def model_from_table(table: Mapping[str, Any], index: int) -> ModelConfig:
     )
 
 
+_KNOWN_KEYS = {
+    "": ("server", "limits", "models"),
+    "server": ("host", "port", "decode_threads", "torch_threads"),
+    "limits": (
+        "max_audio_chunk_bytes",
+        "max_frame_bytes",
+        "max_frame_dimension",
+        "max_text_chunk_bytes",
+        "max_chunks_in_flight",
+        "stalled_window_flush_s",
+    ),
+    "models": (
+        "name",
+        "kind",
+        "modality",
+        "path",
+        "input_shape",
+        "input_dtype",
+        "batching",
+        "device",
+        "instances",
+        "description",
+    ),
+    "batching": ("max_batch_size", "max_queue_delay_ms", "max_queue_size"),
+}
+
+
+def _check_keys(table: Any, section: str, where: str) -> None:
+    """Reject a table that is not a table, or that has a key this version does not know (likely a typo)."""
+    _require(isinstance(table, Mapping), f"{where or 'config'} is invalid: expected a table, got {table!r}")
+    known = _KNOWN_KEYS[section]
+    unknown = sorted(set(table) - set(known))
+    _require(
+        not unknown,
+        f"{where or 'config'}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(known)}",
+    )
+
+
 def config_from_mapping(data: Mapping[str, Any]) -> ServerConfig:
+    _check_keys(data, "", "")
     server = data.get("server", {})
+    _check_keys(server, "server", "[server]")
     limits_table = data.get("limits", {})
+    _check_keys(limits_table, "limits", "[limits]")
+    models_list = data.get("models", [])
+    _require(
+        isinstance(models_list, list) and len(models_list) > 0,
+        "models is empty: add at least one [[models]] table; `streaminfer config` prints the default with the built-ins",
+    )
+    for index, table in enumerate(models_list):
+        _check_keys(table, "models", f"models[{index}]")
+        _check_keys(table.get("batching", {}), "batching", f"models[{index}].batching")
     default_limits = LimitsConfig()
     limits = LimitsConfig(
         max_audio_chunk_bytes=_positive_int(limits_table, "max_audio_chunk_bytes", default_limits.max_audio_chunk_bytes, "limits"),
@@ -178,7 +227,7 @@ def config_from_mapping(data: Mapping[str, Any]) -> ServerConfig:
             limits_table, "stalled_window_flush_s", default_limits.stalled_window_flush_s, "limits"
         ),
     )
-    models = tuple(model_from_table(table, i) for i, table in enumerate(data.get("models", [])))
+    models = tuple(model_from_table(table, i) for i, table in enumerate(models_list))
     names = [model.name for model in models]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     _require(not duplicates, f"models: duplicate name(s) {duplicates}: each model needs a unique name")
@@ -189,8 +238,10 @@ def config_from_mapping(data: Mapping[str, Any]) -> ServerConfig:
         isinstance(torch_threads, int) and torch_threads >= 0,
         f"server.torch_threads = {torch_threads!r} is invalid: expected an integer >= 0 (0 picks one per core minus one)",
     )
+    host = server.get("host", "127.0.0.1")
+    _require(isinstance(host, str) and host != "", f"server.host = {host!r} is invalid: expected an address such as 127.0.0.1")
     return ServerConfig(
-        host=str(server.get("host", "127.0.0.1")),
+        host=host,
         port=port,
         decode_threads=_positive_int(server, "decode_threads", 2, "server"),
         torch_threads=torch_threads,
@@ -203,8 +254,12 @@ def default_config_text() -> str:
     return importlib.resources.files("streaminfer.server").joinpath("default_config.toml").read_text()
 
 
-def load_config(path: str | None) -> ServerConfig:
-    """Read the config at ``path``, or the embedded default when ``path`` is None."""
+def load_config(path: str | None, overrides: Mapping[str, Any] | None = None) -> ServerConfig:
+    """Read the config at ``path``, or the embedded default when ``path`` is None.
+
+    ``overrides`` replaces keys of the ``[server]`` table (command-line flags)
+    before validation, so a flag gets the same checks as the file.
+    """
     if path is None:
         text = default_config_text()
     else:
@@ -214,4 +269,8 @@ def load_config(path: str | None) -> ServerConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path or 'default config'}: invalid TOML: {error}") from error
+    if overrides:
+        server = data.setdefault("server", {})
+        _require(isinstance(server, dict), f"[server] is invalid: expected a table, got {server!r}")
+        server.update({key: value for key, value in overrides.items() if value is not None})
     return config_from_mapping(data)

@@ -13,9 +13,11 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import queue
 import signal
 import socket
 import sys
+import time
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -44,13 +46,17 @@ def worker_config(config: ServerConfig, workers: int) -> ServerConfig:
 def _worker_main(config: ServerConfig, grace: float, index: int, ready: Any, log_level: str, switch_interval: float) -> None:
     import uvloop
 
-    from streaminfer.server.app import serve
+    from streaminfer.server.app import BindError, serve
 
     logging.basicConfig(
         level=log_level, format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s"
     )
     sys.setswitchinterval(switch_interval)
-    uvloop.run(serve(config, grace=grace, on_ready=lambda port: ready.put(index)))
+    try:
+        uvloop.run(serve(config, grace=grace, on_ready=lambda port: ready.put(index)))
+    except BindError as error:
+        print(f"streaminfer worker-{index}: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def run_workers(config: ServerConfig, workers: int, grace: float, log_level: str, switch_interval: float) -> int:
@@ -83,15 +89,20 @@ def run_workers(config: ServerConfig, workers: int, grace: float, log_level: str
     signal.signal(signal.SIGINT, forward)
 
     started = 0
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while started < workers:
         try:
-            ready.get(timeout=STARTUP_TIMEOUT_S)
-        except Exception:
-            logger.error("workers did not start within %d s", STARTUP_TIMEOUT_S)
-            forward(signal.SIGKILL, None)
-            forward(signal.SIGKILL, None)
+            ready.get(timeout=1.0)
+            started += 1
+            continue
+        except queue.Empty:
+            pass
+        failed = [process.name for process in processes if not process.is_alive()]
+        if failed or time.monotonic() > deadline:
+            reason = f"{', '.join(failed)} exited" if failed else f"not all workers started within {STARTUP_TIMEOUT_S} s"
+            print(f"streaminfer: {reason}; stopping the others", file=sys.stderr, flush=True)
+            forward(signal.SIGTERM, None)
             break
-        started += 1
     if started == workers:
         print(f"streaminfer listening on {config.host}:{config.port} ({workers} workers)", flush=True)
 

@@ -94,6 +94,8 @@ class MiniLmEmbeddingModel(Model):
         # fetched from a hub. huggingface_hub reads this variable when first
         # imported, and local_files_only covers an earlier import.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        # Loading progress bars would interleave with the server log.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         from sentence_transformers import SentenceTransformer
 
         folder = _model_folder()
