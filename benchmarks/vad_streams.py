@@ -41,7 +41,7 @@ WINDOW = 512
 
 
 def load_speech_16k() -> np.ndarray:
-    """The sample speech as 16 kHz PCM16, looped by the senders."""
+    """Return the sample speech as 16 kHz PCM16, which the senders loop over."""
     with wave.open(str(SPEECH)) as file:
         rate = file.getframerate()
         samples = np.frombuffer(file.readframes(file.getnframes()), dtype="<i2")
@@ -56,7 +56,8 @@ class ServerProcess:
     process: subprocess.Popen[str]
     port: int
     log: list[str]
-    # Drains the server's output, so a full pipe never blocks its logging.
+    # Reads the server's output as it comes, so the pipe does not fill up
+    # and block the server's logging.
     reader: threading.Thread
 
     def cpu_seconds(self) -> float:
