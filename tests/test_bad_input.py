@@ -160,3 +160,22 @@ def test_sequence_numbers_must_increase(channel) -> None:
     assert len(outcome.errors) == 1
     assert "sequence_number = 5 is not greater than the previous 5" in outcome.errors[0].message
     assert outcome.acked[pb.MODALITY_AUDIO] == [5, 6]
+
+
+def test_extreme_sequence_numbers(channel) -> None:
+    chunk = np.zeros(1536, dtype="<i2").tobytes()
+    lowest, highest = -(1 << 63), (1 << 63) - 1
+    sent = [lowest, 0, highest]
+    messages = [pb.StreamRequest(config=vad_config(48_000))] + [
+        pb.StreamRequest(audio=pb.AudioChunk(sequence_number=number, audio_content=chunk)) for number in sent
+    ]
+
+    # Ack ranges are kept as ranges: expanding [lowest, highest] would not fit in memory.
+    responses = list(pb_grpc.InferenceServiceStub(channel).Stream(iter(messages), timeout=60))
+
+    ranges = [(ack.first_sequence_number, ack.last_sequence_number) for r in responses for ack in r.acks]
+    errors = [error for r in responses for error in r.errors]
+    assert errors == []
+    for number in sent:
+        assert sum(first <= number <= last for first, last in ranges) == 1, f"{number} acked {ranges}"
+    assert responses[-1].stream_end.totals[0].chunks_acked == 3

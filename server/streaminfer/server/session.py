@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-NO_SEQUENCE_NUMBER = -(1 << 63)
+# Below every int64 sequence number a client can send.
+NO_SEQUENCE_NUMBER = -(1 << 63) - 1
 # Seconds a decode thread waits for room in a model's full queue before the
 # chunk fails with OVERFLOW. While it waits, the streams of its lane wait too,
 # and their readers stop at their in-flight windows: backpressure, not loss.
