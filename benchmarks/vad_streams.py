@@ -91,8 +91,15 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def start_server(extra_args: list[str]) -> ServerProcess:
-    command = [sys.executable, "-m", "streaminfer.server.cli", "serve", "--port", "0", *extra_args]
+ECHO_SERVER = pathlib.Path(__file__).resolve().parent / "echo_server.py"
+
+
+def start_server(extra_args: list[str], echo: bool = False) -> ServerProcess:
+    """Start ``streaminfer serve`` on a free port, or the bare gRPC echo baseline when ``echo``."""
+    if echo:
+        command = [sys.executable, str(ECHO_SERVER), "--port", "0"]
+    else:
+        command = [sys.executable, "-m", "streaminfer.server.cli", "serve", "--port", "0", *extra_args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log: list[str] = []
     deadline = time.monotonic() + 300
@@ -326,11 +333,11 @@ def machine_description() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {memory_kb / 1024 / 1024:.0f} GiB, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
-def run_phase(server_args: list[str], load) -> dict:
+def run_phase(server_args: list[str], load, echo: bool = False) -> dict:
     """Start a server, run ``load(target)`` against it, stop it, and add its CPU and batch figures."""
     import uvloop
 
-    server = start_server(server_args)
+    server = start_server(server_args, echo)
     try:
         cpu_before = server.cpu_seconds()
         started = time.monotonic()
@@ -368,6 +375,11 @@ def main() -> int:
         "--server-args", default="", help="extra `streaminfer serve` flags, quoted, e.g. \"--decode-threads 1\""
     )
     parser.add_argument("--skip-saturation", action="store_true", help="run the real-time phase only")
+    parser.add_argument(
+        "--skip-echo",
+        action="store_true",
+        help="skip the bare gRPC echo server that answers each chunk at once (the transport ceiling)",
+    )
     parser.add_argument("--json", type=pathlib.Path, default=REPO_ROOT / "bench-results" / "vad_streams.json")
     parser.add_argument("--markdown", type=pathlib.Path, default=REPO_ROOT / "BENCHMARKS.md")
     options = parser.parse_args()
@@ -382,6 +394,18 @@ def main() -> int:
         "realtime": [],
         "saturation": [],
     }
+
+    if not options.skip_echo:
+        for streams in stream_counts:
+            print(f"real time: echo baseline, {streams} streams x {options.chunk_ms} ms chunks ...", flush=True)
+            result = run_phase(
+                [],
+                lambda target: realtime_load(target, streams, options.chunk_ms, options.warmup, options.seconds),
+                echo=True,
+            )
+            result["workers"] = "echo"
+            report["realtime"].append(result)
+            print(f"  p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms", flush=True)
 
     for workers in worker_counts:
         server_args = ["--workers", str(workers), *options.server_args.split()]
@@ -433,6 +457,10 @@ def main() -> int:
     return 0
 
 
+def _mean_batch(batches: dict) -> str:
+    return f"{batches['mean_batch_size']:.1f}" if batches else "-"
+
+
 def _cpu_percent(result: dict, key: str) -> str:
     return f"{100 * result[key] / result['wall_seconds']:.0f}"
 
@@ -445,7 +473,7 @@ def write_markdown(path: pathlib.Path, report: dict) -> None:
         rows.append(
             f"| {result['workers']} | {result['streams']} | {result['chunks_measured']} | {result['p50_ms']:.1f} | "
             f"{result['p90_ms']:.1f} | {result['p99_ms']:.1f} | {result['max_ms']:.1f} | {result['chunk_errors']} | "
-            f"{result['chunks_unanswered']} | {batches.get('mean_batch_size', float('nan')):.1f} | "
+            f"{result['chunks_unanswered']} | {_mean_batch(batches)} | "
             f"{_cpu_percent(result, 'server_cpu_seconds')} | {_cpu_percent(result, 'client_cpu_seconds')} |"
         )
     first = report["realtime"][0]
@@ -458,7 +486,9 @@ Real time: each stream sends one {first['chunk_ms']} ms 16 kHz PCM16 chunk of re
 {first['chunk_ms']} ms to Silero VAD. Latency runs from each chunk's scheduled send time to the ChunkAck
 that covers it, over {first['measured_seconds']:.0f} s after a {report.get('warmup', 3)} s warm-up, so a late
 sender counts against the server. CPU % is CPU time over the phase's wall time, stream setup included
-(100 % = one core).
+(100 % = one core). Rows marked `echo` are the transport ceiling: a bare grpc.aio server
+(benchmarks/echo_server.py) that answers each chunk with its ack at once, with no decoding,
+batching or model, measured in the same run with the same load generator.
 
 | workers | streams | chunks measured | p50 ms | p90 ms | p99 ms | max ms | chunk errors | unanswered | mean batch | server CPU % | client CPU % |
 | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |

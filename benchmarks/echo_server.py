@@ -1,0 +1,51 @@
+"""A bare grpc.aio server that answers every audio chunk at once with its ChunkAck.
+
+It speaks the streaminfer protocol with no decoding, batching or model, so the
+benchmark can measure what gRPC itself costs on this machine at the same
+message sizes: the ceiling any Python gRPC server reaches here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import grpc
+import uvloop
+
+from streaminfer.v1 import streaminfer_pb2 as pb
+from streaminfer.v1 import streaminfer_pb2_grpc as pb_grpc
+
+
+class EchoService(pb_grpc.InferenceServiceServicer):
+    async def Stream(self, request_iterator, context):
+        first = await anext(aiter(request_iterator))
+        assert first.HasField("config")
+        yield pb.StreamResponse(session_accepted=pb.SessionAccepted(stream_id="echo"))
+        async for request in request_iterator:
+            if request.HasField("audio"):
+                number = request.audio.sequence_number
+                yield pb.StreamResponse(
+                    acks=[pb.ChunkAck(modality=pb.MODALITY_AUDIO, first_sequence_number=number, last_sequence_number=number)]
+                )
+
+
+async def serve(port: int) -> None:
+    server = grpc.aio.server()
+    pb_grpc.add_InferenceServiceServicer_to_server(EchoService(), server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print(f"streaminfer listening on 127.0.0.1:{bound} (echo baseline)", flush=True)
+    await server.wait_for_termination()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1; 0 picks a free one (default: 0)")
+    uvloop.run(serve(parser.parse_args().port))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
