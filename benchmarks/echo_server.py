@@ -1,4 +1,4 @@
-"""A bare grpc.aio server that answers every audio chunk at once with its ChunkAck.
+"""A bare grpc.aio server that acknowledges every audio chunk at once with a ChunkAck.
 
 It speaks the streaminfer protocol with no decoding, batching or model, so the
 benchmark can measure what gRPC itself costs on this machine at the same

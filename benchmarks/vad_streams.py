@@ -378,7 +378,7 @@ def main() -> int:
     parser.add_argument(
         "--skip-echo",
         action="store_true",
-        help="skip the bare gRPC echo server that answers each chunk at once (the transport ceiling)",
+        help="skip the bare gRPC echo server that acknowledges each chunk at once (the transport ceiling)",
     )
     parser.add_argument("--json", type=pathlib.Path, default=REPO_ROOT / "bench-results" / "vad_streams.json")
     parser.add_argument("--markdown", type=pathlib.Path, default=REPO_ROOT / "BENCHMARKS.md")

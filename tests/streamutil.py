@@ -76,7 +76,8 @@ def vad_config(sample_rate: int = 48_000, interim: bool = False) -> pb.StreamCon
 
 def read_wav(path: pathlib.Path) -> tuple[np.ndarray, int]:
     with wave.open(str(path)) as file:
-        assert file.getsampwidth() == 2 and file.getnchannels() == 1
+        assert file.getsampwidth() == 2
+        assert file.getnchannels() == 1
         return np.frombuffer(file.readframes(file.getnframes()), dtype="<i2"), file.getframerate()
 
 
@@ -89,18 +90,18 @@ def audio_requests(samples: np.ndarray, rate: int, chunk_ms: int = 32) -> list[p
 
 
 def video_frames(path: pathlib.Path, indices: Iterable[int]) -> list[np.ndarray]:
-    wanted = set(indices)
+    remaining = set(indices)
     capture = cv2.VideoCapture(str(path))
     frames = []
     index = 0
     try:
-        while wanted:
+        while remaining:
             ok, frame = capture.read()
             if not ok:
                 break
-            if index in wanted:
+            if index in remaining:
                 frames.append(frame)
-                wanted.discard(index)
+                remaining.discard(index)
             index += 1
     finally:
         capture.release()

@@ -129,12 +129,12 @@ def test_stateful_batch_takes_one_item_per_stream() -> None:
 def test_closed_stream_items_are_dropped() -> None:
     model = RecordingModel(stateful=False, delay_s=0.2)
     harness = Harness(model, BatchingConfig(max_batch_size=1, max_queue_delay_ms=0))
-    alive, gone = owner("alive"), owner("gone")
+    alive, closing = owner("alive"), owner("closing")
     harness.expected = 2
     harness.runner.submit([harness.item(alive, "first")])
     time.sleep(0.05)
-    harness.runner.submit([harness.item(gone, "dropped"), harness.item(alive, "second")])
-    gone.closed = True
+    harness.runner.submit([harness.item(closing, "dropped"), harness.item(alive, "second")])
+    closing.closed = True
     assert harness.done.wait(timeout=10)
     harness.close()
     assert model.batches == [["first"], ["second"]]

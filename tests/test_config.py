@@ -96,3 +96,9 @@ def test_serve_on_busy_port_fails_before_loading_models() -> None:
     assert "--port" in result.stderr
     assert "Traceback" not in result.stderr
     assert "loaded model" not in result.stderr, f"models were loaded first ({elapsed:.1f} s)"
+
+
+def test_noop_model_kind_is_accepted(tmp_path) -> None:
+    config = load_config(write(tmp_path, '[[models]]\nname = "echo"\nkind = "noop"\nmodality = "text"\n'))
+    assert config.models[0].kind == "noop"
+    assert config.models[0].modality == "text"

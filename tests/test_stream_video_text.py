@@ -53,8 +53,10 @@ def test_people_found_in_pedestrian_video(channel) -> None:
         for detection in detections.detections:
             assert detection.label == "person"
             box = detection.box
-            assert 0 <= box.x < width and 0 <= box.y < height
-            assert box.x + box.width <= width + 1 and box.y + box.height <= height + 1
+            assert 0 <= box.x < width
+            assert 0 <= box.y < height
+            assert box.x + box.width <= width + 1
+            assert box.y + box.height <= height + 1
     assert outcome.answered(pb.MODALITY_VIDEO) == list(range(10))
 
 

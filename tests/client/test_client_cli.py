@@ -222,7 +222,7 @@ def test_cli_stream_json_against_fake(tmp_path: pathlib.Path) -> None:
         )
 
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
-    # One text chunk failed on the fake server, so the exit status says so.
+    # One text chunk failed on the fake server, which exit status 3 reports.
     assert status == 3
     assert lines[0]["event"] == "sessionAccepted"
     assert lines[-1]["event"] == "summary"

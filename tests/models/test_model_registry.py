@@ -7,6 +7,7 @@ import torch
 
 from streaminfer.server.config import MODEL_KINDS, ConfigError, ModelConfig
 from streaminfer.server.models import build_model, resolve_device
+from streaminfer.server.models.noop import NoopModel
 from streaminfer.server.models.silero_vad import SileroVadModel
 from streaminfer.server.models.text_embedding import MiniLmEmbeddingModel
 from streaminfer.server.models.user import UserModel
@@ -20,6 +21,7 @@ EXPECTED = {
     "haar_faces": (HaarFaceDetector, pb.MODALITY_VIDEO, False),
     "torchscript": (UserModel, pb.MODALITY_AUDIO, False),
     "torch_export": (UserModel, pb.MODALITY_AUDIO, False),
+    "noop": (NoopModel, pb.MODALITY_AUDIO, False),
 }
 
 

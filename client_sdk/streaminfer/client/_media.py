@@ -41,7 +41,7 @@ def read_wav_format(path: str | os.PathLike[str]) -> AudioFormat:
 
 
 def _open_wav(path: str | os.PathLike[str]) -> wave.Wave_read:
-    """Open a WAV file, turning the wave module's terse errors into ones that say what to do."""
+    """Open a WAV file, turning the wave module's terse errors into ones that state what to do."""
     try:
         return wave.open(os.fspath(path), "rb")
     except wave.Error as error:

@@ -234,7 +234,8 @@ class ModelRunner:
         """Queue items, waiting up to ``timeout`` seconds for room.
 
         Raises QueueFull when the bound would still be passed then. With no
-        timeout it never blocks, so the event loop may call it.
+        timeout it never waits for room (only for the queue's lock, held for
+        microseconds), so the event loop may call it.
         """
         with self._cond:
             if len(items) > self._max_queue:

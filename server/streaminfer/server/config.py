@@ -13,7 +13,8 @@ import tomllib
 from collections.abc import Mapping
 from typing import Any
 
-MODEL_KINDS = ("silero_vad", "minilm_embedding", "hog_people", "haar_faces", "torchscript", "torch_export")
+# "noop" returns an empty result per chunk, for measuring the server without a model.
+MODEL_KINDS = ("silero_vad", "minilm_embedding", "hog_people", "haar_faces", "torchscript", "torch_export", "noop")
 MODALITIES = ("audio", "video", "text")
 DTYPES = ("float32", "float16", "int64", "int32", "uint8")
 
@@ -59,7 +60,7 @@ class LimitsConfig:
     # the rest on the client.
     max_chunks_in_flight: int = 64
     # Seconds a stream's full in-flight window may go without any chunk
-    # answered before the server flushes the stream's buffered input. Without
+    # acked or failed before the server flushes the stream's buffered input. Without
     # it, chunks that all wait for more input (words of one long sentence, a
     # user model's long window) would wait for input the window keeps out.
     stalled_window_flush_s: float = 1.0

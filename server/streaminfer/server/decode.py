@@ -128,8 +128,7 @@ class DecodeStage:
     end-of-input jobs add at most one more per stream.
     """
 
-    def __init__(self, threads: int, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self._loop = loop
+    def __init__(self, threads: int) -> None:
         self._lanes: list[queue.SimpleQueue[list[Callable[[], None]] | None]] = [
             queue.SimpleQueue() for _ in range(threads)
         ]

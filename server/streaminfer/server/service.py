@@ -13,19 +13,12 @@ from streaminfer.server.batcher import ModelRunner, QueueFull, WorkItem
 from streaminfer.server.errors import StreaminferError
 from streaminfer.server.executor import Executor
 from streaminfer.server.models.base import StreamOptions, set_duration
+from streaminfer.server.models.user import DATA_TYPES
 from streaminfer.server.session import Session
 from streaminfer.v1 import streaminfer_pb2 as pb
 from streaminfer.v1 import streaminfer_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
-
-_DTYPE_NAMES = {
-    "float32": pb.DATA_TYPE_FLOAT32,
-    "float16": pb.DATA_TYPE_FLOAT16,
-    "int64": pb.DATA_TYPE_INT64,
-    "int32": pb.DATA_TYPE_INT32,
-    "uint8": pb.DATA_TYPE_UINT8,
-}
 
 
 class InferenceService(pb_grpc.InferenceServiceServicer):
@@ -184,7 +177,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         set_duration(message.max_queue_delay, runner.config.batching.max_queue_delay_ms / 1000.0)
         if info.input_shape is not None:
             message.input.shape.extend(info.input_shape)
-            message.input.data_type = _DTYPE_NAMES.get(info.input_dtype or "", pb.DATA_TYPE_UNSPECIFIED)
+            data_type = DATA_TYPES.get(info.input_dtype or "")
+            message.input.data_type = data_type.proto if data_type else pb.DATA_TYPE_UNSPECIFIED
         return message
 
 

@@ -301,10 +301,10 @@ class Session:
         )
 
     def _flush_stalled_window(self) -> None:
-        # No chunk was answered for a while with the window full: every chunk
-        # in flight may be waiting for input that the window keeps out.
+        # No chunk was acked or failed for a while with the window full, so
+        # every chunk in flight may be waiting for input the window keeps out.
         logger.info(
-            "stream %s: no chunk answered for %.1f s with %d in flight; flushing buffered input",
+            "stream %s: no chunk acked or failed for %.1f s with %d in flight; flushing buffered input",
             self.stream_id,
             self._limits.stalled_window_flush_s,
             self._in_flight,

@@ -8,7 +8,7 @@ A model is driven in three steps, each on a known thread:
    window, half a sentence) in the stream's ``preprocess_state``.
 2. ``run_batch`` runs in an inference worker thread under
    ``torch.inference_mode``. It gets items of many streams at once. Items of a
-   stateful model come with the stream's ``inference_state``; the executor
+   stateful model come with the stream's ``inference_state``. The executor
    never puts two items of one stream in a batch, nor runs one stream's items
    in two batches at once, so the model may read and replace that state.
 3. ``postprocess`` runs in the same worker thread right after the batch and
@@ -48,7 +48,7 @@ class ModelInfo:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class StreamOptions:
-    """What a model needs to know about the stream it serves."""
+    """Facts about the served stream that a model needs."""
 
     stream_id: str
     interim_results: bool
@@ -59,8 +59,9 @@ class StreamOptions:
 class DecodedChunk:
     """One client chunk after decoding, in the form every model of its modality reads.
 
-    ``data`` is, by modality: audio, float32 mono samples in [-1, 1] at
-    ``sample_rate_hertz``; video, an H x W x 3 uint8 BGR image; text, a str.
+    For audio, ``data`` is float32 mono samples in [-1, 1] at
+    ``sample_rate_hertz``. For video it is an H x W x 3 uint8 BGR image, and
+    for text a str.
     """
 
     modality: int
@@ -142,6 +143,19 @@ def set_duration(target: Any, seconds: float | None) -> None:
     whole = int(seconds)
     target.seconds = whole
     target.nanos = int(round((seconds - whole) * 1e9))
+
+
+def final_result(item: ModelInput, **payload: Any) -> pb.StreamResult:
+    """Return a final result that covers ``item``'s chunks and media time, with one payload field set."""
+    result = pb.StreamResult(
+        first_sequence_number=item.first_sequence_number,
+        last_sequence_number=item.last_sequence_number,
+        is_final=True,
+        **payload,
+    )
+    set_duration(result.start_time, item.start_time)
+    set_duration(result.end_time, item.end_time)
+    return result
 
 
 def as_float32_mono(samples: np.ndarray, channels: int) -> np.ndarray:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from streaminfer.server.models.base import DecodedChunk, Model, ModelInfo, ModelInput, StreamOptions, set_duration
+from streaminfer.server.models.base import DecodedChunk, Model, ModelInfo, ModelInput, StreamOptions, final_result
 from streaminfer.v1 import streaminfer_pb2 as pb
 
 _MODALITIES = {"audio": pb.MODALITY_AUDIO, "video": pb.MODALITY_VIDEO, "text": pb.MODALITY_TEXT}
@@ -33,10 +33,4 @@ class NoopModel(Model):
         return [None] * len(inputs)
 
     def postprocess(self, state: Any, item: ModelInput, output: Any, options: StreamOptions) -> list[pb.StreamResult]:
-        result = pb.StreamResult(
-            first_sequence_number=item.first_sequence_number,
-            last_sequence_number=item.last_sequence_number,
-            is_final=True,
-        )
-        set_duration(result.start_time, item.start_time)
-        return [result]
+        return [final_result(item)]

@@ -163,7 +163,7 @@ class AudioWindower:
 
     Callers register each chunk with the index at which its samples end,
     then push samples, which may arrive later than their chunk (as from a
-    resampler that holds some back). A chunk is complete once the window that
+    resampler that keeps some back). A chunk is complete once the window that
     contains its last sample is cut. Windows come back as ModelInput items whose
     ``data`` is the float32 window.
     """

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from streaminfer.server.config import ModelConfig
-from streaminfer.server.models.base import DecodedChunk, Model, ModelInfo, ModelInput, StreamOptions, set_duration
+from streaminfer.server.models.base import DecodedChunk, Model, ModelInfo, ModelInput, StreamOptions, final_result
 from streaminfer.v1 import streaminfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -190,15 +190,7 @@ class MiniLmEmbeddingModel(Model):
         return list(embeddings)
 
     def postprocess(self, state: Any, item: ModelInput, output: np.ndarray, options: StreamOptions) -> list[pb.StreamResult]:
-        result = pb.StreamResult(
-            first_sequence_number=item.first_sequence_number,
-            last_sequence_number=item.last_sequence_number,
-            is_final=True,
-            embedding=pb.Embedding(values=output.tolist(), text=item.data),
-        )
-        set_duration(result.start_time, item.start_time)
-        set_duration(result.end_time, item.end_time)
-        return [result]
+        return [final_result(item, embedding=pb.Embedding(values=output.tolist(), text=item.data))]
 
 
 def _skip_whitespace(state: TextPreprocessState) -> None:

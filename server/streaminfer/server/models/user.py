@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from streaminfer.server.config import ConfigError, ModelConfig
-from streaminfer.server.models.base import DecodedChunk, Model, ModelInfo, ModelInput, StreamOptions, set_duration
+from streaminfer.server.models.base import DecodedChunk, Model, ModelInfo, ModelInput, StreamOptions, final_result
 from streaminfer.server.models.silero_vad import AudioWindower
 from streaminfer.v1 import streaminfer_pb2 as pb
 
@@ -299,15 +299,7 @@ class UserModel(Model):
         return output[:rows]
 
     def postprocess(self, state: Any, item: ModelInput, output: pb.Tensor, options: StreamOptions) -> list[pb.StreamResult]:
-        result = pb.StreamResult(
-            first_sequence_number=item.first_sequence_number,
-            last_sequence_number=item.last_sequence_number,
-            is_final=True,
-            tensor=output,
-        )
-        set_duration(result.start_time, item.start_time)
-        set_duration(result.end_time, item.end_time)
-        return [result]
+        return [final_result(item, tensor=output)]
 
 
 def _static_batch_size(exported: Any) -> int | None:

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from streaminfer.server.config import ModelConfig
-from streaminfer.server.models.base import DecodedChunk, Model, ModelInfo, ModelInput, StreamOptions, set_duration
+from streaminfer.server.models.base import DecodedChunk, Model, ModelInfo, ModelInput, StreamOptions, final_result
 from streaminfer.v1 import streaminfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -105,15 +105,7 @@ class _OpenCvDetector(Model):
                 score=score,
                 box=pb.BoundingBox(x=x, y=y, width=box_width, height=box_height),
             )
-        result = pb.StreamResult(
-            first_sequence_number=item.first_sequence_number,
-            last_sequence_number=item.last_sequence_number,
-            is_final=True,
-            detections=detections,
-        )
-        set_duration(result.start_time, item.start_time)
-        set_duration(result.end_time, item.end_time)
-        return [result]
+        return [final_result(item, detections=detections)]
 
     def detect(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return (boxes as N x 4 x, y, width, height; scores) for one BGR frame."""
