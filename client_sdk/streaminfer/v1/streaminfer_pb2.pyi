@@ -103,6 +103,26 @@ IMAGE_ENCODING_RAW_BGR24: ImageEncoding.ValueType  # 4
 """Packed 8-bit BGR, width * height * 3 bytes, rows top to bottom."""
 Global___ImageEncoding: _TypeAlias = ImageEncoding  # noqa: Y015
 
+class _Priority:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Priority.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRIORITY_UNSPECIFIED: _Priority.ValueType  # 0
+    PRIORITY_INTERACTIVE: _Priority.ValueType  # 1
+    PRIORITY_BULK: _Priority.ValueType  # 2
+
+class Priority(_Priority, metaclass=_PriorityEnumTypeWrapper):
+    """Priority orders work in the model queues: all queued interactive work runs
+    before bulk work; within a class, the earliest deadline runs first.
+    """
+
+PRIORITY_UNSPECIFIED: Priority.ValueType  # 0
+PRIORITY_INTERACTIVE: Priority.ValueType  # 1
+PRIORITY_BULK: Priority.ValueType  # 2
+Global___Priority: _TypeAlias = Priority  # noqa: Y015
+
 class _ControlAction:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -199,7 +219,11 @@ class _ChunkErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Chun
     CHUNK_ERROR_REASON_OVERFLOW: _ChunkErrorReason.ValueType  # 6
     """The chunk was dropped by the modality's overflow policy."""
     CHUNK_ERROR_REASON_SHUTDOWN: _ChunkErrorReason.ValueType  # 7
-    """The server is shutting down."""
+    """The stream ended before the chunk was processed: the server is shutting
+    down or ended the stream. Resend it on a new stream.
+    """
+    CHUNK_ERROR_REASON_RATE_LIMITED: _ChunkErrorReason.ValueType  # 8
+    """The client's API key is over its chunks-per-second limit."""
 
 class ChunkErrorReason(_ChunkErrorReason, metaclass=_ChunkErrorReasonEnumTypeWrapper):
     """ChunkErrorReason says why a chunk was not processed."""
@@ -218,8 +242,50 @@ CHUNK_ERROR_REASON_DEADLINE: ChunkErrorReason.ValueType  # 5
 CHUNK_ERROR_REASON_OVERFLOW: ChunkErrorReason.ValueType  # 6
 """The chunk was dropped by the modality's overflow policy."""
 CHUNK_ERROR_REASON_SHUTDOWN: ChunkErrorReason.ValueType  # 7
-"""The server is shutting down."""
+"""The stream ended before the chunk was processed: the server is shutting
+down or ended the stream. Resend it on a new stream.
+"""
+CHUNK_ERROR_REASON_RATE_LIMITED: ChunkErrorReason.ValueType  # 8
+"""The client's API key is over its chunks-per-second limit."""
 Global___ChunkErrorReason: _TypeAlias = ChunkErrorReason  # noqa: Y015
+
+class _StreamEndReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StreamEndReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StreamEndReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STREAM_END_REASON_UNSPECIFIED: _StreamEndReason.ValueType  # 0
+    STREAM_END_REASON_INPUT_ENDED: _StreamEndReason.ValueType  # 1
+    """The client ended its input; the call ends with status OK."""
+    STREAM_END_REASON_DRAINING: _StreamEndReason.ValueType  # 2
+    """The server is shutting down; the call ends with status UNAVAILABLE.
+    Continue on a new stream.
+    """
+    STREAM_END_REASON_MAX_DURATION: _StreamEndReason.ValueType  # 3
+    """The stream reached `max_stream_duration`; the call ends with status
+    DEADLINE_EXCEEDED. Continue on a new stream.
+    """
+    STREAM_END_REASON_IDLE_TIMEOUT: _StreamEndReason.ValueType  # 4
+    """No message for `idle_timeout`; the call ends with status DEADLINE_EXCEEDED."""
+
+class StreamEndReason(_StreamEndReason, metaclass=_StreamEndReasonEnumTypeWrapper):
+    """StreamEndReason says why a stream ended."""
+
+STREAM_END_REASON_UNSPECIFIED: StreamEndReason.ValueType  # 0
+STREAM_END_REASON_INPUT_ENDED: StreamEndReason.ValueType  # 1
+"""The client ended its input; the call ends with status OK."""
+STREAM_END_REASON_DRAINING: StreamEndReason.ValueType  # 2
+"""The server is shutting down; the call ends with status UNAVAILABLE.
+Continue on a new stream.
+"""
+STREAM_END_REASON_MAX_DURATION: StreamEndReason.ValueType  # 3
+"""The stream reached `max_stream_duration`; the call ends with status
+DEADLINE_EXCEEDED. Continue on a new stream.
+"""
+STREAM_END_REASON_IDLE_TIMEOUT: StreamEndReason.ValueType  # 4
+"""No message for `idle_timeout`; the call ends with status DEADLINE_EXCEEDED."""
+Global___StreamEndReason: _TypeAlias = StreamEndReason  # noqa: Y015
 
 @_typing.final
 class AudioFormat(_message.Message):
@@ -316,12 +382,16 @@ class StreamConfig(_message.Message):
     VIDEO_FORMAT_FIELD_NUMBER: _builtins.int
     INTERIM_RESULTS_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
+    CHUNK_LATENCY_BUDGET_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     interim_results: _builtins.bool
     """Send interim results (for example per-chunk speech probability) as well
     as final ones.
     """
     label: _builtins.str
     """A free-form label echoed in server logs, for example a call id."""
+    priority: Global___Priority.ValueType
+    """Scheduling class of the stream's work. Unspecified means interactive."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelSelection]:
         """The models to run. At least one is required."""
@@ -334,6 +404,14 @@ class StreamConfig(_message.Message):
     def video_format(self) -> Global___VideoFormat:
         """Required when a video model is selected."""
 
+    @_builtins.property
+    def chunk_latency_budget(self) -> _duration_pb2.Duration:
+        """How long after the server reads a chunk its answer is still useful. A
+        chunk that can no longer be answered in time is dropped before inference
+        with CHUNK_ERROR_REASON_DEADLINE. Zero means the server's default, which
+        `SessionAccepted.limits.chunk_latency_budget` reports.
+        """
+
     def __init__(
         self,
         *,
@@ -342,10 +420,12 @@ class StreamConfig(_message.Message):
         video_format: Global___VideoFormat | None = ...,
         interim_results: _builtins.bool = ...,
         label: _builtins.str = ...,
+        chunk_latency_budget: _duration_pb2.Duration | None = ...,
+        priority: Global___Priority.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["audio_format", b"audio_format", "video_format", b"video_format"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audio_format", b"audio_format", "chunk_latency_budget", b"chunk_latency_budget", "video_format", b"video_format"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_format", b"audio_format", "interim_results", b"interim_results", "label", b"label", "models", b"models", "video_format", b"video_format"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_format", b"audio_format", "chunk_latency_budget", b"chunk_latency_budget", "interim_results", b"interim_results", "label", b"label", "models", b"models", "priority", b"priority", "video_format", b"video_format"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -527,6 +607,10 @@ class StreamLimits(_message.Message):
     MAX_FRAME_DIMENSION_FIELD_NUMBER: _builtins.int
     MAX_TEXT_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     MAX_CHUNKS_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    MAX_PENDING_FRAMES_FIELD_NUMBER: _builtins.int
+    CHUNK_LATENCY_BUDGET_FIELD_NUMBER: _builtins.int
+    IDLE_TIMEOUT_FIELD_NUMBER: _builtins.int
+    MAX_STREAM_DURATION_FIELD_NUMBER: _builtins.int
     max_audio_chunk_bytes: _builtins.int
     """Largest `audio_content`, in bytes."""
     max_frame_bytes: _builtins.int
@@ -536,7 +620,28 @@ class StreamLimits(_message.Message):
     max_text_chunk_bytes: _builtins.int
     """Largest `TextChunk.text`, in bytes."""
     max_chunks_in_flight: _builtins.int
-    """Chunks the client may have sent but not yet had answered."""
+    """Chunks the client may have sent but not yet had answered. The server
+    stops reading the stream at this count, and an answer counts until it
+    has been written to the call. Each answer grants one more chunk.
+    """
+    max_pending_frames: _builtins.int
+    """Video overflow policy (keep-latest): when more than this many frames of
+    the stream wait for their models, the oldest waiting frame is dropped
+    with CHUNK_ERROR_REASON_OVERFLOW. Audio and text are never dropped for
+    overflow; the window holds the client back instead.
+    """
+    @_builtins.property
+    def chunk_latency_budget(self) -> _duration_pb2.Duration:
+        """The stream's chunk latency budget; zero means none."""
+
+    @_builtins.property
+    def idle_timeout(self) -> _duration_pb2.Duration:
+        """The server ends a stream that sends no message for this long; zero means never."""
+
+    @_builtins.property
+    def max_stream_duration(self) -> _duration_pb2.Duration:
+        """The server ends a stream this long after it started; zero means never."""
+
     def __init__(
         self,
         *,
@@ -545,10 +650,14 @@ class StreamLimits(_message.Message):
         max_frame_dimension: _builtins.int = ...,
         max_text_chunk_bytes: _builtins.int = ...,
         max_chunks_in_flight: _builtins.int = ...,
+        max_pending_frames: _builtins.int = ...,
+        chunk_latency_budget: _duration_pb2.Duration | None = ...,
+        idle_timeout: _duration_pb2.Duration | None = ...,
+        max_stream_duration: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk_latency_budget", b"chunk_latency_budget", "idle_timeout", b"idle_timeout", "max_stream_duration", b"max_stream_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_audio_chunk_bytes", b"max_audio_chunk_bytes", "max_chunks_in_flight", b"max_chunks_in_flight", "max_frame_bytes", b"max_frame_bytes", "max_frame_dimension", b"max_frame_dimension", "max_text_chunk_bytes", b"max_text_chunk_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_latency_budget", b"chunk_latency_budget", "idle_timeout", b"idle_timeout", "max_audio_chunk_bytes", b"max_audio_chunk_bytes", "max_chunks_in_flight", b"max_chunks_in_flight", "max_frame_bytes", b"max_frame_bytes", "max_frame_dimension", b"max_frame_dimension", "max_pending_frames", b"max_pending_frames", "max_stream_duration", b"max_stream_duration", "max_text_chunk_bytes", b"max_text_chunk_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -911,13 +1020,18 @@ Global___ModalityTotals: _TypeAlias = ModalityTotals  # noqa: Y015
 
 @_typing.final
 class StreamEnd(_message.Message):
-    """StreamEnd is the last message of a stream that ends normally."""
+    """StreamEnd is the last message of a stream: every chunk the server read has
+    been answered. A chunk the client sent without an answer was never read;
+    after a server-side end, resend it on a new stream.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     TOTALS_FIELD_NUMBER: _builtins.int
     RESULTS_SENT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     results_sent: _builtins.int
+    reason: Global___StreamEndReason.ValueType
     @_builtins.property
     def totals(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModalityTotals]: ...
     def __init__(
@@ -925,10 +1039,11 @@ class StreamEnd(_message.Message):
         *,
         totals: _abc.Iterable[Global___ModalityTotals] | None = ...,
         results_sent: _builtins.int = ...,
+        reason: Global___StreamEndReason.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results_sent", b"results_sent", "totals", b"totals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "results_sent", b"results_sent", "totals", b"totals"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1088,6 +1203,7 @@ class ModelInfo(_message.Message):
     INSTANCES_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    HEALTHY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     modality: Global___Modality.ValueType
     description: _builtins.str
@@ -1097,6 +1213,10 @@ class ModelInfo(_message.Message):
     device: _builtins.str
     """"cpu" or "cuda:N"."""
     instances: _builtins.int
+    healthy: _builtins.bool
+    """False while an instance of the model has been running one batch for
+    longer than the server's hang timeout.
+    """
     @_builtins.property
     def max_queue_delay(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -1120,10 +1240,11 @@ class ModelInfo(_message.Message):
         instances: _builtins.int = ...,
         input: Global___TensorSpec | None = ...,
         labels: _abc.Iterable[_builtins.str] | None = ...,
+        healthy: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "max_queue_delay", b"max_queue_delay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "device", b"device", "input", b"input", "instances", b"instances", "labels", b"labels", "max_batch_size", b"max_batch_size", "max_queue_delay", b"max_queue_delay", "modality", b"modality", "name", b"name", "stateful", b"stateful"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "device", b"device", "healthy", b"healthy", "input", b"input", "instances", b"instances", "labels", b"labels", "max_batch_size", b"max_batch_size", "max_queue_delay", b"max_queue_delay", "modality", b"modality", "name", b"name", "stateful", b"stateful"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

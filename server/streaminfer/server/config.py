@@ -64,6 +64,53 @@ class LimitsConfig:
     # it, chunks that all wait for more input (words of one long sentence, a
     # user model's long window) would wait for input the window keeps out.
     stalled_window_flush_s: float = 1.0
+    # Default chunk latency budget of a stream, from the moment the server
+    # reads a chunk to its answer; a chunk that can no longer meet it is
+    # dropped before inference (reason DEADLINE). 0 turns budgets off for
+    # streams that do not set their own.
+    chunk_latency_budget_ms: float = 5000.0
+    # Video frames of one stream that may wait for their models; past this,
+    # the oldest waiting frame is dropped (keep-latest, reason OVERFLOW).
+    max_pending_frames: int = 2
+    # A stream that sends nothing for this long is ended; 0 means never.
+    idle_timeout_s: float = 300.0
+    # A stream is ended this long after it started; 0 means never.
+    max_stream_duration_s: float = 0.0
+    # A response write that the client does not take for this long (it
+    # stopped reading) ends the stream with RESOURCE_EXHAUSTED.
+    write_timeout_s: float = 10.0
+    # A batch running longer than this marks its model unhealthy.
+    model_hang_timeout_s: float = 30.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    # Concurrent streams per server process; more get UNAVAILABLE.
+    max_streams: int = 1000
+    # New streams get UNAVAILABLE while the projected queue wait (event loop
+    # lag, decode and model queues) is above this; 0 turns the check off.
+    max_queue_wait_ms: float = 250.0
+    # Sent in grpc-retry-pushback-ms with every rejection for load.
+    retry_pushback_ms: int = 1000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    # Per API key (or per peer address without one); 0 turns a limit off.
+    streams_per_second: float = 0.0
+    # Streams a key may open at once above the rate; 0 means the rate, at least 1.
+    stream_burst: int = 0
+    chunks_per_second: float = 0.0
+    chunk_burst: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AuthConfig:
+    # Accepted API keys, sent by clients in the x-api-key metadata. Empty
+    # (with no file) turns authentication off.
+    api_keys: tuple[str, ...] = ()
+    # A file with one key per line; lines starting with # are skipped.
+    api_keys_file: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -80,6 +127,16 @@ class ServerConfig:
     # workers of one server; off otherwise, so that a second server started
     # on a busy port fails instead of taking half its connections.
     reuse_port: bool = False
+    admission: AdmissionConfig = AdmissionConfig()
+    rate_limits: RateLimitConfig = RateLimitConfig()
+    auth: AuthConfig = AuthConfig()
+    # PEM files. With a certificate and key the port speaks TLS only; with a
+    # client CA as well, clients must present a certificate it signed.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    # On SIGTERM: seconds streams may run on before the server ends them.
+    drain_grace_s: float = 20.0
 
     def resolved_torch_threads(self) -> int:
         if self.torch_threads > 0:
@@ -108,6 +165,30 @@ def _positive_seconds(table: Mapping[str, Any], key: str, default: float, where:
         f"{where}.{key} = {value!r} is invalid: expected seconds > 0",
     )
     return float(value)
+
+
+def _non_negative(table: Mapping[str, Any], key: str, default: float, where: str, unit: str) -> float:
+    value = table.get(key, default)
+    _require(
+        isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+        f"{where}.{key} = {value!r} is invalid: expected {unit} >= 0 (0 turns it off)",
+    )
+    return float(value)
+
+
+def _non_negative_int(table: Mapping[str, Any], key: str, default: int, where: str) -> int:
+    value = table.get(key, default)
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+        f"{where}.{key} = {value!r} is invalid: expected an integer >= 0",
+    )
+    return int(value)
+
+
+def _string(table: Mapping[str, Any], key: str, where: str) -> str:
+    value = table.get(key, "")
+    _require(isinstance(value, str), f"{where}.{key} = {value!r} is invalid: expected a string")
+    return str(value)
 
 
 def _batching_from(table: Mapping[str, Any], where: str) -> BatchingConfig:
@@ -166,8 +247,20 @@ def model_from_table(table: Mapping[str, Any], index: int) -> ModelConfig:
 
 
 _KNOWN_KEYS = {
-    "": ("server", "limits", "models"),
-    "server": ("host", "port", "decode_threads", "torch_threads"),
+    "": ("server", "limits", "admission", "rate_limits", "auth", "models"),
+    "server": (
+        "host",
+        "port",
+        "decode_threads",
+        "torch_threads",
+        "tls_cert_file",
+        "tls_key_file",
+        "tls_client_ca_file",
+        "drain_grace_s",
+    ),
+    "admission": ("max_streams", "max_queue_wait_ms", "retry_pushback_ms"),
+    "rate_limits": ("streams_per_second", "stream_burst", "chunks_per_second", "chunk_burst"),
+    "auth": ("api_keys", "api_keys_file"),
     "limits": (
         "max_audio_chunk_bytes",
         "max_frame_bytes",
@@ -175,6 +268,12 @@ _KNOWN_KEYS = {
         "max_text_chunk_bytes",
         "max_chunks_in_flight",
         "stalled_window_flush_s",
+        "chunk_latency_budget_ms",
+        "max_pending_frames",
+        "idle_timeout_s",
+        "max_stream_duration_s",
+        "write_timeout_s",
+        "model_hang_timeout_s",
     ),
     "models": (
         "name",
@@ -209,6 +308,10 @@ def config_from_mapping(data: Mapping[str, Any]) -> ServerConfig:
     _check_keys(server, "server", "[server]")
     limits_table = data.get("limits", {})
     _check_keys(limits_table, "limits", "[limits]")
+    tables = {}
+    for section in ("admission", "rate_limits", "auth"):
+        tables[section] = data.get(section, {})
+        _check_keys(tables[section], section, f"[{section}]")
     models_list = data.get("models", [])
     _require(
         isinstance(models_list, list) and len(models_list) > 0,
@@ -227,7 +330,44 @@ def config_from_mapping(data: Mapping[str, Any]) -> ServerConfig:
         stalled_window_flush_s=_positive_seconds(
             limits_table, "stalled_window_flush_s", default_limits.stalled_window_flush_s, "limits"
         ),
+        chunk_latency_budget_ms=_non_negative(
+            limits_table, "chunk_latency_budget_ms", default_limits.chunk_latency_budget_ms, "limits", "milliseconds"
+        ),
+        max_pending_frames=_positive_int(limits_table, "max_pending_frames", default_limits.max_pending_frames, "limits"),
+        idle_timeout_s=_non_negative(limits_table, "idle_timeout_s", default_limits.idle_timeout_s, "limits", "seconds"),
+        max_stream_duration_s=_non_negative(
+            limits_table, "max_stream_duration_s", default_limits.max_stream_duration_s, "limits", "seconds"
+        ),
+        write_timeout_s=_positive_seconds(limits_table, "write_timeout_s", default_limits.write_timeout_s, "limits"),
+        model_hang_timeout_s=_positive_seconds(
+            limits_table, "model_hang_timeout_s", default_limits.model_hang_timeout_s, "limits"
+        ),
     )
+    admission_table = tables["admission"]
+    default_admission = AdmissionConfig()
+    admission = AdmissionConfig(
+        max_streams=_positive_int(admission_table, "max_streams", default_admission.max_streams, "admission"),
+        max_queue_wait_ms=_non_negative(
+            admission_table, "max_queue_wait_ms", default_admission.max_queue_wait_ms, "admission", "milliseconds"
+        ),
+        retry_pushback_ms=_non_negative_int(
+            admission_table, "retry_pushback_ms", default_admission.retry_pushback_ms, "admission"
+        ),
+    )
+    rate_table = tables["rate_limits"]
+    rate_limits = RateLimitConfig(
+        streams_per_second=_non_negative(rate_table, "streams_per_second", 0.0, "rate_limits", "streams per second"),
+        stream_burst=_non_negative_int(rate_table, "stream_burst", 0, "rate_limits"),
+        chunks_per_second=_non_negative(rate_table, "chunks_per_second", 0.0, "rate_limits", "chunks per second"),
+        chunk_burst=_non_negative_int(rate_table, "chunk_burst", 0, "rate_limits"),
+    )
+    auth_table = tables["auth"]
+    api_keys = auth_table.get("api_keys", [])
+    _require(
+        isinstance(api_keys, list) and all(isinstance(key, str) and key.strip() for key in api_keys),
+        f"auth.api_keys = {api_keys!r} is invalid: expected a list of non-empty strings",
+    )
+    auth = AuthConfig(api_keys=tuple(key.strip() for key in api_keys), api_keys_file=_string(auth_table, "api_keys_file", "auth"))
     models = tuple(model_from_table(table, i) for i, table in enumerate(models_list))
     names = [model.name for model in models]
     duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -241,6 +381,15 @@ def config_from_mapping(data: Mapping[str, Any]) -> ServerConfig:
     )
     host = server.get("host", "127.0.0.1")
     _require(isinstance(host, str) and host != "", f"server.host = {host!r} is invalid: expected an address such as 127.0.0.1")
+    tls = {key: _string(server, key, "server") for key in ("tls_cert_file", "tls_key_file", "tls_client_ca_file")}
+    _require(
+        bool(tls["tls_cert_file"]) == bool(tls["tls_key_file"]),
+        "server.tls_cert_file and server.tls_key_file go together: set both for TLS, or neither",
+    )
+    _require(
+        not tls["tls_client_ca_file"] or bool(tls["tls_cert_file"]),
+        "server.tls_client_ca_file needs server.tls_cert_file and server.tls_key_file: client certificates need TLS",
+    )
     return ServerConfig(
         host=host,
         port=port,
@@ -248,6 +397,11 @@ def config_from_mapping(data: Mapping[str, Any]) -> ServerConfig:
         torch_threads=torch_threads,
         models=models,
         limits=limits,
+        admission=admission,
+        rate_limits=rate_limits,
+        auth=auth,
+        drain_grace_s=_non_negative(server, "drain_grace_s", 20.0, "server", "seconds"),
+        **tls,
     )
 
 
