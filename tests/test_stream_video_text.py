@@ -16,9 +16,11 @@ VIDEO = MEDIA / "video" / "vtest.avi"
 
 
 def video_config(*models: str) -> pb.StreamConfig:
+    """A config that keeps every frame: these tests send frames faster than the detectors run."""
     return pb.StreamConfig(
         models=[pb.ModelSelection(model=model) for model in models],
         video_format=pb.VideoFormat(encoding=pb.IMAGE_ENCODING_JPEG),
+        video_overflow_policy=pb.OVERFLOW_POLICY_BACKPRESSURE,
     )
 
 

@@ -103,6 +103,34 @@ IMAGE_ENCODING_RAW_BGR24: ImageEncoding.ValueType  # 4
 """Packed 8-bit BGR, width * height * 3 bytes, rows top to bottom."""
 Global___ImageEncoding: _TypeAlias = ImageEncoding  # noqa: Y015
 
+class _OverflowPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OverflowPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OverflowPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OVERFLOW_POLICY_UNSPECIFIED: _OverflowPolicy.ValueType  # 0
+    OVERFLOW_POLICY_BACKPRESSURE: _OverflowPolicy.ValueType  # 1
+    """Nothing is dropped: the in-flight window holds the client back."""
+    OVERFLOW_POLICY_KEEP_LATEST: _OverflowPolicy.ValueType  # 2
+    """Older waiting frames are dropped for newer ones, each reported with
+    CHUNK_ERROR_REASON_OVERFLOW (see `StreamLimits.max_pending_frames`).
+    """
+
+class OverflowPolicy(_OverflowPolicy, metaclass=_OverflowPolicyEnumTypeWrapper):
+    """OverflowPolicy says what a stream gives up when it sends faster than its
+    models run.
+    """
+
+OVERFLOW_POLICY_UNSPECIFIED: OverflowPolicy.ValueType  # 0
+OVERFLOW_POLICY_BACKPRESSURE: OverflowPolicy.ValueType  # 1
+"""Nothing is dropped: the in-flight window holds the client back."""
+OVERFLOW_POLICY_KEEP_LATEST: OverflowPolicy.ValueType  # 2
+"""Older waiting frames are dropped for newer ones, each reported with
+CHUNK_ERROR_REASON_OVERFLOW (see `StreamLimits.max_pending_frames`).
+"""
+Global___OverflowPolicy: _TypeAlias = OverflowPolicy  # noqa: Y015
+
 class _Priority:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -384,6 +412,7 @@ class StreamConfig(_message.Message):
     LABEL_FIELD_NUMBER: _builtins.int
     CHUNK_LATENCY_BUDGET_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    VIDEO_OVERFLOW_POLICY_FIELD_NUMBER: _builtins.int
     interim_results: _builtins.bool
     """Send interim results (for example per-chunk speech probability) as well
     as final ones.
@@ -392,6 +421,11 @@ class StreamConfig(_message.Message):
     """A free-form label echoed in server logs, for example a call id."""
     priority: Global___Priority.ValueType
     """Scheduling class of the stream's work. Unspecified means interactive."""
+    video_overflow_policy: Global___OverflowPolicy.ValueType
+    """What happens to video frames when the stream's video falls behind its
+    models. Unspecified means keep-latest. Audio and text always use
+    backpressure.
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelSelection]:
         """The models to run. At least one is required."""
@@ -422,10 +456,11 @@ class StreamConfig(_message.Message):
         label: _builtins.str = ...,
         chunk_latency_budget: _duration_pb2.Duration | None = ...,
         priority: Global___Priority.ValueType = ...,
+        video_overflow_policy: Global___OverflowPolicy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["audio_format", b"audio_format", "chunk_latency_budget", b"chunk_latency_budget", "video_format", b"video_format"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_format", b"audio_format", "chunk_latency_budget", b"chunk_latency_budget", "interim_results", b"interim_results", "label", b"label", "models", b"models", "priority", b"priority", "video_format", b"video_format"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_format", b"audio_format", "chunk_latency_budget", b"chunk_latency_budget", "interim_results", b"interim_results", "label", b"label", "models", b"models", "priority", b"priority", "video_format", b"video_format", "video_overflow_policy", b"video_overflow_policy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -625,7 +660,7 @@ class StreamLimits(_message.Message):
     has been written to the call. Each answer grants one more chunk.
     """
     max_pending_frames: _builtins.int
-    """Video overflow policy (keep-latest): when more than this many frames of
+    """With the keep-latest video policy: when more than this many frames of
     the stream wait for their models, the oldest waiting frame is dropped
     with CHUNK_ERROR_REASON_OVERFLOW. Audio and text are never dropped for
     overflow; the window holds the client back instead.

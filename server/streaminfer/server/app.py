@@ -12,8 +12,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from streaminfer.server.access import ApiKeyInterceptor, RateLimiter, load_api_keys, server_credentials
 from streaminfer.server.config import ServerConfig
 from streaminfer.server.executor import Executor
+from streaminfer.server.load import LoadMonitor
 from streaminfer.server.service import InferenceService
 from streaminfer.v1 import streaminfer_pb2 as pb
 from streaminfer.v1 import streaminfer_pb2_grpc as pb_grpc
@@ -24,6 +26,12 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
 # Allocations between young-generation collections (Python's default is 700).
 GC_YOUNG_THRESHOLD = 50_000
+
+# After the drain grace: seconds ended streams get to send their final answers.
+FINAL_ANSWER_S = 5.0
+DRAIN_POLL_S = 0.05
+# After draining, seconds left to calls other than streams (a unary Infer).
+STOP_GRACE_S = 1.0
 
 # Room above the largest frame for the rest of the message.
 _MESSAGE_OVERHEAD_BYTES = 64 * 1024
@@ -38,9 +46,16 @@ class StreaminferServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        # Read here, so that an unreadable key file fails before anything loads.
+        self.api_keys = load_api_keys(config.auth)
+        self.rate_limiter = RateLimiter(config.rate_limits, self.api_keys)
         self.executor = Executor(config)
         self.health = health.aio.HealthServicer()
         self.service = InferenceService(self.executor)
+        self.service.rate_limiter = self.rate_limiter
+        self.monitor = LoadMonitor(self.executor, self.service, self._set_healthy)
+        self.service.projected_wait_s = self.monitor.projected_wait_s
+        self.service.unhealthy_models = self.monitor.unhealthy_models
         self.port = 0
         self._server: grpc.aio.Server | None = None
 
@@ -50,7 +65,9 @@ class StreaminferServer:
         The port is bound first, so a busy port fails before the models load.
         """
         max_message = self.config.limits.max_frame_bytes + _MESSAGE_OVERHEAD_BYTES
+        credentials = server_credentials(self.config)
         self._server = grpc.aio.server(
+            interceptors=[ApiKeyInterceptor(self.api_keys)] if self.api_keys else None,
             options=[
                 ("grpc.max_receive_message_length", max_message),
                 ("grpc.max_send_message_length", max_message),
@@ -65,7 +82,10 @@ class StreaminferServer:
         if ":" in self.config.host and not self.config.host.startswith("["):
             address = f"[{self.config.host}]:{self.config.port}"
         try:
-            self.port = self._server.add_insecure_port(address)
+            if credentials is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, credentials)
         except RuntimeError as error:
             raise BindError(
                 f"cannot listen on {address}: {error}; the port may be in use or the host not local. "
@@ -73,6 +93,7 @@ class StreaminferServer:
             ) from error
 
         await self.executor.start()
+        self.monitor.start()
         _tune_garbage_collector()
         pb_grpc.add_InferenceServiceServicer_to_server(self.service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -86,11 +107,46 @@ class StreaminferServer:
         logger.info("streaminfer listening on %s:%d", self.config.host, self.port)
         return self.port
 
+    async def _set_healthy(self, healthy: bool) -> None:
+        self.service.unhealthy_models = self.monitor.unhealthy_models
+        if self.service.draining:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def drain(self, grace: float) -> None:
+        """Stop admitting streams, let running ones go on for ``grace`` seconds, then end them.
+
+        Health turns NOT_SERVING at once and new streams get UNAVAILABLE.
+        Streams still open after ``grace`` are ended by the server: it stops
+        reading them, answers every chunk it read and sends StreamEnd with
+        reason DRAINING. Returns when every stream has ended, or
+        ``FINAL_ANSWER_S`` after that.
+        """
+        loop = asyncio.get_running_loop()
+        self.service.draining = True
+        await self.health.enter_graceful_shutdown()
+        logger.info("draining: %d open stream(s), %.1f s grace", len(self.service.active_sessions), grace)
+        deadline = loop.time() + grace
+        while self.service.active_sessions and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        if self.service.active_sessions:
+            logger.info("draining: ending %d stream(s) after the grace period", len(self.service.active_sessions))
+            for session in list(self.service.active_sessions):
+                session.end_by_server(pb.STREAM_END_REASON_DRAINING)
+            deadline = loop.time() + FINAL_ANSWER_S
+            while self.service.active_sessions and loop.time() < deadline:
+                await asyncio.sleep(DRAIN_POLL_S)
+        logger.info("draining: done, %d stream(s) left", len(self.service.active_sessions))
+
     async def stop(self, grace: float = 5.0) -> None:
         """Stop taking new calls, give running ones ``grace`` seconds, then free everything."""
+        self.service.draining = True
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
+        await self.monitor.aclose()
         await self.executor.aclose()
         logger.info("streaminfer stopped")
 
@@ -114,12 +170,17 @@ def _tune_garbage_collector() -> None:
 
 
 async def serve(
-    config: ServerConfig, grace: float = 5.0, on_ready: Callable[[int], None] | None = None
-) -> None:
-    """Run a server until SIGINT or SIGTERM, then stop it within ``grace`` seconds.
+    config: ServerConfig,
+    on_ready: Callable[[int], None] | None = None,
+    signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM),
+) -> int:
+    """Run a server until SIGINT or SIGTERM, drain it, and return the exit status.
 
-    ``on_ready`` gets the bound port once the server listens; without it the
-    port is printed to stdout.
+    The first signal drains (see ``StreaminferServer.drain``, with
+    ``config.drain_grace_s``) and the process then exits with 0; a second
+    signal stops at once, cancelling what runs, with 1. ``on_ready`` gets the
+    bound port once the server listens; without it the port is printed to
+    stdout.
     """
     server = StreaminferServer(config)
     await server.start()
@@ -128,10 +189,20 @@ async def serve(
     else:
         on_ready(server.port)
 
-    stop = asyncio.Event()
+    received = asyncio.Queue[int]()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    logger.info("signal received; stopping with %.1f s grace", grace)
-    await server.stop(grace)
+    for signum in signals:
+        loop.add_signal_handler(signum, received.put_nowait, signum)
+    signum = await received.get()
+    logger.info("%s received; draining for up to %.1f s", signal.Signals(signum).name, config.drain_grace_s)
+    drain = asyncio.create_task(server.drain(config.drain_grace_s))
+    second = asyncio.create_task(received.get())
+    await asyncio.wait({drain, second}, return_when=asyncio.FIRST_COMPLETED)
+    if second.done():
+        logger.warning("second signal received; stopping now")
+        drain.cancel()
+        await server.stop(grace=0)
+        return 1
+    second.cancel()
+    await server.stop(grace=STOP_GRACE_S)
+    return 0

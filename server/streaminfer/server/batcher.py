@@ -1,17 +1,27 @@
 """Dynamic batching across streams, and the inference workers that run batches.
 
-One ModelRunner serves one model. Streams submit work items from the event
-loop; each of the model's instances is a worker thread that forms a batch and
-runs it:
+One ModelRunner serves one model. Streams submit work items; each of the
+model's instances is a worker thread that forms a batch and runs it:
 
 - A batch closes when it contains ``max_batch_size`` items, or when
   ``max_queue_delay`` has passed since its first item arrived, whichever comes
   first. The delay counts from that item's arrival, not from when the worker
   got to it, so a busy worker does not stretch the tail.
+- Work is taken in priority order (interactive before bulk), then earliest
+  deadline first. An item without a deadline is ordered as if its deadline
+  were ``NO_DEADLINE_ORDER_S`` after its arrival.
 - For stateful models a batch contains at most one item per stream, and a stream
   whose item is running on one instance waits for it before another instance
   takes its next item. So per-stream state is updated in order.
-- Items of closed streams are dropped before the batch runs.
+- An item that can no longer finish by its deadline (its deadline is closer
+  than the model's usual batch time) is dropped before inference. A reaper
+  thread drops such items on time even while every instance runs a long batch.
+- An item its owner cancelled (a video frame superseded by a newer one) is
+  dropped when a worker reaches it. Dropped items are handed back with an
+  ``ItemDropped`` error, so their owner can report them.
+- Items of closed streams are dropped without a report: no one is listening.
+- When a batch raises, each item runs again alone, so one poisoned input fails
+  only itself.
 
 Finished items go back to the event loop in one callback per batch.
 """
@@ -21,7 +31,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import heapq
+import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +56,22 @@ class ItemOwner(Protocol):
     options: StreamOptions
 
 
+# Ordering horizon for items without a deadline: they run after items whose
+# deadlines fall earlier, and before items that arrive this much later.
+NO_DEADLINE_ORDER_S = 60.0
+PRIORITY_INTERACTIVE = 0
+PRIORITY_BULK = 1
+
+
+class ItemDropped(Exception):
+    """A work item removed before inference; ``reason`` is a pb.ChunkErrorReason."""
+
+    def __init__(self, reason: int, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
 @dataclasses.dataclass(slots=True, eq=False)
 class WorkItem:
     owner: ItemOwner
@@ -54,7 +83,16 @@ class WorkItem:
     index: int
     inference_state: Any
     preprocess_state: Any
+    # Monotonic time after which the result is of no use; inf for none.
+    deadline: float = math.inf
+    priority: int = PRIORITY_INTERACTIVE
+    # Set by the owner (on any thread) to drop the item if it has not started.
+    cancelled: bool = False
+    cancel_message: str = ""
     enqueued_at: float = 0.0
+    # Queue bookkeeping: ordering key, and whether the item is still queued.
+    order_key: float = 0.0
+    queued: bool = False
     # Filled by the worker.
     queue_wait_s: float = 0.0
     inference_s: float = 0.0
@@ -69,6 +107,11 @@ class RunnerStats:
     batches: int = 0
     items: int = 0
     dropped_closed: int = 0
+    dropped_deadline: int = 0
+    dropped_cancelled: int = 0
+    failed_items: int = 0
+    # Batches that raised and were run again one item at a time.
+    split_batches: int = 0
     closed_full: int = 0
     closed_delay: int = 0
     inference_seconds: float = 0.0
@@ -82,46 +125,95 @@ class QueueFull(Exception):
     """The model's queue is at its bound."""
 
 
-class _FifoQueue:
-    """Work items of a stateless model, oldest first."""
+class _Taken:
+    """What one take from a queue produced."""
+
+    __slots__ = ("batch", "dropped", "closed")
 
     def __init__(self) -> None:
-        self._items: collections.deque[WorkItem] = collections.deque()
+        self.batch: list[WorkItem] = []
+        # Items dropped with an ItemDropped error, to hand back.
+        self.dropped: list[WorkItem] = []
+        # Items of closed streams, forgotten.
+        self.closed = 0
+
+
+def _screen(item: WorkItem, cutoff: float, taken: _Taken) -> bool:
+    """Return True when ``item`` may run; otherwise record why it may not."""
+    if item.owner.closed:
+        taken.closed += 1
+        return False
+    if item.cancelled:
+        item.error = ItemDropped(pb.CHUNK_ERROR_REASON_OVERFLOW, item.cancel_message or "cancelled before it ran")
+        taken.dropped.append(item)
+        return False
+    if item.deadline < cutoff:
+        item.error = _deadline_error(item)
+        taken.dropped.append(item)
+        return False
+    return True
+
+
+def _deadline_error(item: WorkItem) -> ItemDropped:
+    return ItemDropped(
+        pb.CHUNK_ERROR_REASON_DEADLINE,
+        "dropped before inference: it could not finish within the stream's chunk latency budget "
+        "(the server is behind; lower the offered load or raise StreamConfig.chunk_latency_budget)",
+    )
+
+
+class _PriorityQueue:
+    """Work items of a stateless model: priority, then earliest deadline first."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, float, int, WorkItem]] = []
+        self._counter = itertools.count()
+        self._size = 0
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self._size
 
     def append(self, item: WorkItem) -> None:
-        self._items.append(item)
+        heapq.heappush(self._heap, (item.priority, item.order_key, next(self._counter), item))
+        self._size += 1
+
+    def discard(self, item: WorkItem) -> None:
+        # Removed lazily: take() skips items that are no longer queued.
+        self._size -= 1
+
+    def _prune(self) -> None:
+        while self._heap and not self._heap[0][3].queued:
+            heapq.heappop(self._heap)
 
     def ready_count(self, running: set[int], limit: int) -> int:
-        return min(len(self._items), limit)
+        return min(self._size, limit)
 
     def oldest_arrival(self, running: set[int]) -> float | None:
-        return self._items[0].enqueued_at if self._items else None
+        self._prune()
+        return self._heap[0][3].enqueued_at if self._heap else None
 
-    def take(self, limit: int, running: set[int]) -> tuple[list[WorkItem], int]:
-        batch: list[WorkItem] = []
-        dropped = 0
-        while self._items and len(batch) < limit:
-            item = self._items.popleft()
-            if item.owner.closed:
-                dropped += 1
-            else:
-                batch.append(item)
-        return batch, dropped
+    def take(self, limit: int, running: set[int], cutoff: float) -> _Taken:
+        taken = _Taken()
+        while self._heap and len(taken.batch) < limit:
+            item = heapq.heappop(self._heap)[3]
+            if not item.queued:
+                continue
+            item.queued = False
+            self._size -= 1
+            if _screen(item, cutoff, taken):
+                taken.batch.append(item)
+        return taken
 
 
 class _PerStreamQueue:
-    """Work items of a stateful model: one FIFO per stream, streams in turn.
+    """Work items of a stateful model: one FIFO per stream.
 
-    A batch takes the head item of up to ``limit`` streams, skipping streams
-    whose previous item still runs, in O(batch) time however many items are
-    queued. A served stream goes to the back, so streams take turns.
+    A batch takes the head item of up to ``limit`` streams whose previous
+    item is not running, choosing heads by priority, then earliest deadline.
     """
 
     def __init__(self) -> None:
-        self._lanes: collections.OrderedDict[int, collections.deque[WorkItem]] = collections.OrderedDict()
+        self._lanes: dict[int, collections.deque[WorkItem]] = {}
         self._size = 0
 
     def __len__(self) -> int:
@@ -135,6 +227,17 @@ class _PerStreamQueue:
         lane.append(item)
         self._size += 1
 
+    def discard(self, item: WorkItem) -> None:
+        self._size -= 1
+        key = id(item.owner)
+        lane = self._lanes.get(key)
+        if lane is None:
+            return
+        while lane and not lane[0].queued:
+            lane.popleft()
+        if not lane:
+            del self._lanes[key]
+
     def ready_count(self, running: set[int], limit: int) -> int:
         count = 0
         for key in self._lanes:
@@ -145,36 +248,44 @@ class _PerStreamQueue:
         return count
 
     def oldest_arrival(self, running: set[int]) -> float | None:
+        oldest = None
         for key, lane in self._lanes.items():
-            if key not in running:
-                return lane[0].enqueued_at
-        return None
+            if key not in running and (oldest is None or lane[0].enqueued_at < oldest):
+                oldest = lane[0].enqueued_at
+        return oldest
 
-    def take(self, limit: int, running: set[int]) -> tuple[list[WorkItem], int]:
-        batch: list[WorkItem] = []
-        dropped = 0
-        for key in list(self._lanes):
-            if len(batch) >= limit:
-                break
-            if key in running:
-                continue
+    def take(self, limit: int, running: set[int], cutoff: float) -> _Taken:
+        taken = _Taken()
+        heads = [
+            (lane[0].priority, lane[0].order_key, key) for key, lane in self._lanes.items() if key not in running
+        ]
+        chosen = heads if len(heads) <= limit else heapq.nsmallest(limit, heads)
+        for _, _, key in chosen:
             lane = self._lanes[key]
-            if lane[0].owner.closed:
-                dropped += len(lane)
-                self._size -= len(lane)
+            while lane:
+                item = lane.popleft()
+                if not item.queued:
+                    continue
+                item.queued = False
+                self._size -= 1
+                if item.owner.closed:
+                    # The whole lane belongs to the closed stream.
+                    taken.closed += 1 + sum(1 for rest in lane if rest.queued)
+                    self._size -= sum(1 for rest in lane if rest.queued)
+                    for rest in lane:
+                        rest.queued = False
+                    lane.clear()
+                    break
+                if _screen(item, cutoff, taken):
+                    taken.batch.append(item)
+                    break
+            if not lane:
                 del self._lanes[key]
-                continue
-            batch.append(lane.popleft())
-            self._size -= 1
-            if lane:
-                self._lanes.move_to_end(key)
-            else:
-                del self._lanes[key]
-        return batch, dropped
+        return taken
 
 
 class ModelRunner:
-    """Queue, batcher and inference workers of one model."""
+    """Queue, batcher, reaper and inference workers of one model."""
 
     def __init__(
         self,
@@ -198,28 +309,40 @@ class ModelRunner:
         self._max_delay = config.batching.max_queue_delay_ms / 1000.0
         self._max_queue = config.batching.max_queue_size
         self._stateful = model.info.stateful
-        self._queue: _FifoQueue | _PerStreamQueue = _PerStreamQueue() if self._stateful else _FifoQueue()
+        self._queue: _PriorityQueue | _PerStreamQueue = _PerStreamQueue() if self._stateful else _PriorityQueue()
         lock = threading.Lock()
-        # Workers wait on _cond for items; submitters wait on _space for room.
+        # Workers wait on _cond for items; submitters wait on _space for room;
+        # the reaper waits on _reap for the next deadline.
         self._cond = threading.Condition(lock)
         self._space = threading.Condition(lock)
+        self._reap = threading.Condition(lock)
+        # Items with a deadline, earliest first, for the reaper (removed lazily).
+        self._deadlines: list[tuple[float, int, WorkItem]] = []
+        self._counter = itertools.count()
         self._owners_running: set[int] = set()
         self._stopping = False
-        self._busy = 0
+        # Per instance: when its running batch started, or None when idle.
+        self._running_since: list[float | None] = [None] * config.instances
+        # Moving average of one batch's inference seconds: the time an item
+        # still needs once it is taken.
+        self.batch_seconds = 0.0
         self._threads = [
-            threading.Thread(target=self._work, name=f"infer-{config.name}-{i}", daemon=True)
+            threading.Thread(target=self._work, args=(i,), name=f"infer-{config.name}-{i}", daemon=True)
             for i in range(config.instances)
         ]
+        self._reaper = threading.Thread(target=self._reap_expired, name=f"reap-{config.name}", daemon=True)
 
     def start(self) -> None:
         for thread in self._threads:
             thread.start()
+        self._reaper.start()
 
     def stop(self) -> None:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        for thread in self._threads:
+            self._reap.notify_all()
+        for thread in [*self._threads, self._reaper]:
             thread.join(timeout=30)
 
     @property
@@ -228,7 +351,18 @@ class ModelRunner:
 
     @property
     def busy_instances(self) -> int:
-        return self._busy
+        return sum(1 for since in self._running_since if since is not None)
+
+    def longest_running_s(self) -> float:
+        """Seconds the longest-running batch has run so far; 0 when idle."""
+        now = self._clock()
+        started = [since for since in self._running_since if since is not None]
+        return now - min(started) if started else 0.0
+
+    def projected_wait_s(self) -> float:
+        """Seconds a new item would wait before its batch starts, from the queue depth and batch time."""
+        batches_ahead = math.ceil(len(self._queue) / self._max_batch)
+        return batches_ahead * self.batch_seconds / len(self._running_since)
 
     def submit(self, items: Sequence[WorkItem], timeout: float | None = None) -> None:
         """Queue items, waiting up to ``timeout`` seconds for room.
@@ -252,20 +386,35 @@ class ModelRunner:
             now = self._clock()
             was_empty = len(self._queue) == 0
             was_below = len(self._queue) < self._max_batch
+            earliest = self._deadlines[0][0] if self._deadlines else math.inf
             for item in items:
                 item.enqueued_at = now
+                item.queued = True
+                finite = item.deadline != math.inf
+                item.order_key = item.deadline if finite else now + NO_DEADLINE_ORDER_S
                 self._queue.append(item)
+                if finite:
+                    heapq.heappush(self._deadlines, (item.deadline, next(self._counter), item))
             # Wake a worker only when it has something new to decide: the
             # first item starts a delay window, a full batch ends it.
             if was_empty or (was_below and len(self._queue) >= self._max_batch):
                 self._cond.notify()
+            if self._deadlines and self._deadlines[0][0] < earliest:
+                self._reap.notify()
 
-    def _take_batch(self) -> list[WorkItem] | None:
-        """Wait for and remove the next batch. Returns None when stopping."""
+    def _cutoff(self) -> float:
+        """Items whose deadline is before this can no longer finish in time."""
+        return self._clock() + self.batch_seconds
+
+    def _take_batch(self) -> tuple[list[WorkItem], list[WorkItem]] | None:
+        """Wait for and remove the next batch; also return the items dropped on the way. None when stopping."""
         with self._cond:
+            dropped: list[WorkItem] = []
             while True:
                 oldest = self._queue.oldest_arrival(self._owners_running)
                 while oldest is None and not self._stopping:
+                    if dropped:
+                        return [], dropped
                     self._cond.wait()
                     oldest = self._queue.oldest_arrival(self._owners_running)
                 if self._stopping:
@@ -282,10 +431,12 @@ class ModelRunner:
                 if self._stopping:
                     return None
 
-                batch, dropped = self._queue.take(self._max_batch, self._owners_running)
-                self.stats.dropped_closed += dropped
-                if dropped or batch:
+                taken = self._queue.take(self._max_batch, self._owners_running, self._cutoff())
+                self._count_dropped(taken.dropped, taken.closed)
+                dropped.extend(taken.dropped)
+                if taken.closed or taken.dropped or taken.batch:
                     self._space.notify_all()
+                batch = taken.batch
                 if batch:
                     if self._stateful:
                         self._owners_running.update(id(item.owner) for item in batch)
@@ -293,24 +444,79 @@ class ModelRunner:
                         self.stats.closed_full += 1
                     else:
                         self.stats.closed_delay += 1
-                    return batch
+                    return batch, dropped
 
-    def _work(self) -> None:
+    def _count_dropped(self, dropped: list[WorkItem], closed: int) -> None:
+        self.stats.dropped_closed += closed
+        for item in dropped:
+            if isinstance(item.error, ItemDropped) and item.error.reason == pb.CHUNK_ERROR_REASON_DEADLINE:
+                self.stats.dropped_deadline += 1
+            else:
+                self.stats.dropped_cancelled += 1
+
+    def _reap_expired(self) -> None:
+        """Drop queued items at the moment they can no longer meet their deadline."""
+        while True:
+            with self._cond:
+                expired: list[WorkItem] = []
+                while not self._stopping:
+                    while self._deadlines and not self._deadlines[0][2].queued:
+                        heapq.heappop(self._deadlines)
+                    if not self._deadlines:
+                        self._reap.wait()
+                        continue
+                    wait = self._deadlines[0][0] - self._cutoff()
+                    if wait > 0:
+                        self._reap.wait(wait)
+                        continue
+                    cutoff = self._cutoff()
+                    while self._deadlines and self._deadlines[0][0] < cutoff:
+                        item = heapq.heappop(self._deadlines)[2]
+                        if not item.queued:
+                            continue
+                        item.queued = False
+                        self._queue.discard(item)
+                        if item.owner.closed:
+                            self.stats.dropped_closed += 1
+                            continue
+                        item.error = _deadline_error(item)
+                        expired.append(item)
+                    break
+                if self._stopping:
+                    return
+                self.stats.dropped_deadline += len(expired)
+                self._space.notify_all()
+            if expired:
+                self._loop.call_soon_threadsafe(self._deliver, expired)
+
+    def _work(self, instance: int) -> None:
         torch.set_num_threads(self._torch_threads)
         while True:
-            batch = self._take_batch()
-            if batch is None:
+            taken = self._take_batch()
+            if taken is None:
                 return
-            self._busy += 1
+            batch, dropped = taken
+            if dropped:
+                self._loop.call_soon_threadsafe(self._deliver, dropped)
+            if not batch:
+                continue
+            self._running_since[instance] = self._clock()
             try:
                 self._run(batch)
             finally:
-                self._busy -= 1
+                self._running_since[instance] = None
                 if self._stateful:
                     with self._cond:
                         self._owners_running.difference_update(id(item.owner) for item in batch)
                         self._cond.notify_all()
             self._loop.call_soon_threadsafe(self._deliver, batch)
+
+    def _forward(self, items: list[WorkItem]) -> list[Any]:
+        with torch.inference_mode():
+            outputs = self.model.run_batch([item.model_input for item in items], [item.inference_state for item in items])
+        if len(outputs) != len(items):
+            raise RuntimeError(f"run_batch returned {len(outputs)} outputs for {len(items)} inputs")
+        return outputs
 
     def _run(self, batch: list[WorkItem]) -> None:
         # 1. Items that only complete chunks need no inference.
@@ -320,30 +526,40 @@ class ModelRunner:
             item.queue_wait_s = started - item.enqueued_at
             item.batch_size = len(runnable)
 
-        # 2. One forward pass for the whole batch.
+        # 2. One forward pass for the whole batch. When it raises, each item
+        # runs alone, so a poisoned input fails itself and no other.
         outputs: list[Any] = []
         if runnable:
             try:
-                with torch.inference_mode():
-                    outputs = self.model.run_batch(
-                        [item.model_input for item in runnable], [item.inference_state for item in runnable]
-                    )
-                if len(outputs) != len(runnable):
-                    raise RuntimeError(f"run_batch returned {len(outputs)} outputs for {len(runnable)} inputs")
+                outputs = self._forward(runnable)
             except Exception as error:
-                logger.exception("model %s failed on a batch of %d items", self.config.name, len(runnable))
-                outputs = [error] * len(runnable)
+                if len(runnable) == 1:
+                    logger.exception("model %s failed on an item of stream %s", self.config.name, runnable[0].owner.options.stream_id)
+                    outputs = [error]
+                else:
+                    logger.warning(
+                        "model %s failed on a batch of %d items (%s: %s); running them one at a time",
+                        self.config.name,
+                        len(runnable),
+                        type(error).__name__,
+                        error,
+                    )
+                    self.stats.split_batches += 1
+                    outputs = [self._run_alone(item) for item in runnable]
         inference_s = self._clock() - started
         self.stats.batches += 1
         self.stats.items += len(runnable)
         self.stats.inference_seconds += inference_s
         self.stats.batch_size_counts[len(runnable)] += 1
+        if runnable:
+            self.batch_seconds = inference_s if self.stats.batches == 1 else 0.9 * self.batch_seconds + 0.1 * inference_s
 
         # 3. Postprocess each item on its own, so one bad output fails one item.
         for item, output in zip(runnable, outputs):
             item.inference_s = inference_s
             if isinstance(output, BaseException):
                 item.error = output
+                self.stats.failed_items += 1
                 continue
             post_started = self._clock()
             try:
@@ -351,4 +567,12 @@ class ModelRunner:
             except Exception as error:
                 logger.exception("model %s failed to postprocess an item of stream %s", self.config.name, item.owner.options.stream_id)
                 item.error = error
+                self.stats.failed_items += 1
             item.postprocess_s = self._clock() - post_started
+
+    def _run_alone(self, item: WorkItem) -> Any:
+        try:
+            return self._forward([item])[0]
+        except Exception as error:
+            logger.exception("model %s failed on an item of stream %s", self.config.name, item.owner.options.stream_id)
+            return error

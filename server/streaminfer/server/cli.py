@@ -17,14 +17,12 @@ def _serve(options: argparse.Namespace) -> int:
         "port": options.port,
         "decode_threads": options.decode_threads,
         "torch_threads": options.torch_threads,
+        "drain_grace_s": options.grace,
     }
     try:
         config = load_config(options.config, overrides)
     except (ConfigError, OSError) as error:
         print(f"streaminfer: {error}", file=sys.stderr)
-        return 2
-    if options.grace < 0:
-        print(f"streaminfer: --grace {options.grace} is invalid: expected seconds >= 0", file=sys.stderr)
         return 2
 
     # Inference and decode threads take the GIL back from the busy event
@@ -37,7 +35,7 @@ def _serve(options: argparse.Namespace) -> int:
     if options.workers > 1:
         from streaminfer.server.workers import run_workers
 
-        return run_workers(config, options.workers, options.grace, options.log_level, switch_interval)
+        return run_workers(config, options.workers, options.log_level, switch_interval)
 
     import uvloop
 
@@ -45,11 +43,10 @@ def _serve(options: argparse.Namespace) -> int:
 
     sys.setswitchinterval(switch_interval)
     try:
-        uvloop.run(serve(config, grace=options.grace))
-    except BindError as error:
+        return uvloop.run(serve(config))
+    except (BindError, ConfigError) as error:
         print(f"streaminfer: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="server processes sharing the port; each loads the models and batches its own connections (default: 1)",
     )
     serve.add_argument(
-        "--grace", type=float, default=5.0, help="seconds running streams get to finish on SIGTERM (default: 5)"
+        "--grace",
+        type=float,
+        help="on SIGTERM or SIGINT, seconds open streams may run on before the server ends them with their final "
+        "answers and exits 0; a second signal stops at once (default: server.drain_grace_s, 20)",
     )
     serve.set_defaults(handler=_serve)
 

@@ -1,15 +1,38 @@
-"""The gRPC servicer of streaminfer.v1.InferenceService."""
+"""The gRPC servicer of streaminfer.v1.InferenceService.
+
+Admission happens before a stream's first message is read, so a rejected
+stream costs the server almost nothing:
+
+============================  ==================  =================================
+situation                     status              grpc-retry-pushback-ms
+============================  ==================  =================================
+server draining (SIGTERM)     UNAVAILABLE         admission.retry_pushback_ms
+admission.max_streams open    UNAVAILABLE         admission.retry_pushback_ms
+projected queue wait too long UNAVAILABLE         admission.retry_pushback_ms
+API key over streams/s        RESOURCE_EXHAUSTED  until the key's next token
+============================  ==================  =================================
+
+UNAVAILABLE says that this server cannot take the stream now and another
+replica, or this one after the pushback, can: load balancers and retry
+policies retry it. RESOURCE_EXHAUSTED says that the client itself is over its
+quota: another replica would refuse it too, so only waiting helps.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import math
 import secrets
-from collections.abc import AsyncIterator
+import time
+import collections
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 
-from streaminfer.server.batcher import ModelRunner, QueueFull, WorkItem
+from streaminfer.server.batcher import ItemDropped, ModelRunner, QueueFull, WorkItem
 from streaminfer.server.errors import StreaminferError
 from streaminfer.server.executor import Executor
 from streaminfer.server.models.base import StreamOptions, set_duration
@@ -21,16 +44,97 @@ from streaminfer.v1 import streaminfer_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 
+_END_STATUS = {
+    pb.STREAM_END_REASON_DRAINING: (
+        grpc.StatusCode.UNAVAILABLE,
+        "the server is shutting down; every chunk it read was answered; continue on a new stream",
+    ),
+    pb.STREAM_END_REASON_MAX_DURATION: (
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        "the stream reached the server's limits.max_stream_duration_s of {max_duration:g} s; every chunk it read "
+        "was answered; continue on a new stream",
+    ),
+    pb.STREAM_END_REASON_IDLE_TIMEOUT: (
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        "the stream sent nothing for the server's limits.idle_timeout_s of {idle:g} s; open a new stream when "
+        "there is media to send",
+    ),
+}
+
+
+class Rejection(Exception):
+    """A stream refused at admission."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, pushback_ms: int | None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.pushback_ms = pushback_ms
+
+
 class InferenceService(pb_grpc.InferenceServiceServicer):
     def __init__(self, executor: Executor) -> None:
         self._executor = executor
-        self.active_sessions: set[Session] = set()
+        # Each running stream, with the context of its call.
+        self.active_sessions: dict[Session, grpc.aio.ServicerContext] = {}
+        self.draining = False
+        # Set by the server: projected queue wait in seconds, and the rate limiter.
+        self.projected_wait_s: Callable[[], float] = lambda: 0.0
+        self.rate_limiter: Any = None
+        self.unhealthy_models: set[str] = set()
+        self.rejected = collections.Counter[str]()
+
+    def _admit(self, context: grpc.aio.ServicerContext) -> str | None:
+        """Raise Rejection when a new stream must be refused; return the client's rate-limit key."""
+        admission = self._executor.config.admission
+        pushback = admission.retry_pushback_ms
+        if self.draining:
+            raise Rejection(
+                grpc.StatusCode.UNAVAILABLE, "the server is shutting down; open the stream on another replica", pushback
+            )
+        if len(self.active_sessions) >= admission.max_streams:
+            raise Rejection(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the server has {len(self.active_sessions)} open streams, its admission.max_streams limit; "
+                f"retry after {pushback} ms or on another replica",
+                pushback,
+            )
+        if admission.max_queue_wait_ms > 0:
+            wait_ms = self.projected_wait_s() * 1000.0
+            if wait_ms > admission.max_queue_wait_ms:
+                raise Rejection(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the server is overloaded: work would wait about {wait_ms:.0f} ms in its queues, over its "
+                    f"admission.max_queue_wait_ms of {admission.max_queue_wait_ms:g} ms; retry after {pushback} ms "
+                    "or on another replica",
+                    pushback,
+                )
+        if self.rate_limiter is None:
+            return None
+        key = self.rate_limiter.client_key(context.invocation_metadata() or (), context.peer())
+        wait_s = self.rate_limiter.admit_stream(key)
+        if wait_s is not None:
+            limits = self._executor.config.rate_limits
+            raise Rejection(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this client is over its limit of {limits.streams_per_second:g} new streams per second "
+                f"(rate_limits.streams_per_second); retry in {wait_s * 1000:.0f} ms",
+                max(1, math.ceil(wait_s * 1000)),
+            )
+        return key
 
     async def Stream(
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamResponse]:
         # Written as an async generator: OpenTelemetry's grpc instrumentation
         # wraps streaming handlers that way, and context.write() breaks it.
+        try:
+            client_key = self._admit(context)
+        except Rejection as rejection:
+            self.rejected[rejection.code.name] += 1
+            if rejection.pushback_ms is not None:
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(rejection.pushback_ms)),))
+            await context.abort(rejection.code, rejection.message)
         first = await anext(aiter(request_iterator), None)
         if first is None:
             await context.abort(
@@ -48,7 +152,9 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         except StreaminferError as error:
             await context.abort(error.code, str(error))
 
-        self.active_sessions.add(session)
+        if client_key is not None and self._executor.config.rate_limits.chunks_per_second > 0:
+            session.admit_chunk = functools.partial(self.rate_limiter.admit_chunk, client_key)
+        self.active_sessions[session] = context
         logger.info(
             "stream %s started: peer %s, models %s, label %r",
             session.stream_id,
@@ -56,8 +162,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             ",".join(model.model for model in first.config.models),
             first.config.label,
         )
-        reader = asyncio.create_task(session.read(request_iterator), name=f"reader-{session.stream_id}")
-        reader.add_done_callback(_log_reader_failure)
+        session.start_reading(request_iterator)
         outcome = "ok"
         try:
             yield session.accepted_message()
@@ -66,13 +171,22 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             if session.failure is not None:
                 outcome = session.failure.code.name
                 await context.abort(session.failure.code, str(session.failure))
+            if session.end_reason in _END_STATUS:
+                code, template = _END_STATUS[session.end_reason]
+                limits = self._executor.config.limits
+                outcome = pb.StreamEndReason.Name(session.end_reason)
+                await context.abort(
+                    code, template.format(max_duration=limits.max_stream_duration_s, idle=limits.idle_timeout_s)
+                )
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
+        except GeneratorExit:
+            outcome = "aborted"
+            raise
         finally:
-            reader.cancel()
             session.close()
-            self.active_sessions.discard(session)
+            self.active_sessions.pop(session, None)
             logger.info("stream %s ended: %s", session.stream_id, outcome)
 
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResponse:
@@ -81,6 +195,10 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
                 f"model = {request.model!r} is not served; served models: {', '.join(self._executor.runners)}",
+            )
+        if self.draining:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "the server is shutting down; send the request to another replica"
             )
         kind = request.WhichOneof("input")
         if kind == "tensor":
@@ -133,14 +251,34 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
         owner = _OneShot(StreamOptions(stream_id=f"infer-{secrets.token_hex(4)}", interim_results=False))
-        item = WorkItem(owner=owner, slot=None, model_input=model_input, index=0, inference_state=None, preprocess_state=None)
+        remaining = context.time_remaining()
+        budget_s = self._executor.config.limits.chunk_latency_budget_ms / 1000.0
+        deadline = math.inf
+        if remaining is not None:
+            deadline = time.monotonic() + remaining
+        elif budget_s > 0:
+            deadline = time.monotonic() + budget_s
+        item = WorkItem(
+            owner=owner,
+            slot=None,
+            model_input=model_input,
+            index=0,
+            inference_state=None,
+            preprocess_state=None,
+            deadline=deadline,
+        )
         try:
             runner.submit([item])
             done = await owner.done
         except QueueFull as error:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error}; retry later")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{error}; retry after {self._executor.config.admission.retry_pushback_ms} ms or on another replica",
+            )
         finally:
             owner.closed = True
+        if isinstance(done.error, ItemDropped):
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"model {runner.config.name!r}: {done.error.message}")
         if done.error is not None:
             await context.abort(
                 grpc.StatusCode.INTERNAL, f"model {runner.config.name!r} failed: {type(done.error).__name__}: {done.error}"
@@ -173,6 +311,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             device=runner.device,
             instances=runner.config.instances,
             labels=list(info.labels),
+            healthy=name not in self.unhealthy_models,
         )
         set_duration(message.max_queue_delay, runner.config.batching.max_queue_delay_ms / 1000.0)
         if info.input_shape is not None:
@@ -211,10 +350,3 @@ class _OneShot:
         if not self.done.done():
             self.done.set_result(items[0])
 
-
-def _log_reader_failure(task: asyncio.Task[None]) -> None:
-    if task.cancelled():
-        return
-    error = task.exception()
-    if error is not None:
-        logger.error("stream reader failed", exc_info=error)

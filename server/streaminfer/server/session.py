@@ -13,9 +13,23 @@ other field belongs to the loop.
 
 Every chunk is answered once: by a ChunkAck when every model of its modality
 has completed it, or by a ChunkError. The in-flight window
-(``max_chunks_in_flight``) counts chunks not yet answered; at the window the
-reader stops reading, so HTTP/2 flow control holds the client back instead of
-server memory growing.
+(``max_chunks_in_flight``) counts chunks whose answer has not been written to
+the call yet; at the window the reader stops reading, so HTTP/2 flow control
+holds the client back instead of server memory growing. Because an answer
+counts until it is written, a client that stops reading results also stops
+the server from reading its chunks, and its pending answers stay bounded.
+
+Overflow policy: audio and text are lossless (the window holds the client
+back). Video is keep-latest: when more than ``max_pending_frames`` frames wait
+for their models, the oldest waiting frame is dropped with reason OVERFLOW.
+
+Each chunk gets a deadline when it is read: the stream's chunk latency budget
+later. Work that can no longer meet it is dropped before inference with
+reason DEADLINE, by the decode thread or by the model's batcher.
+
+The server can end a stream itself (drain, maximum duration, idle): it stops
+reading, flushes buffered input, answers every chunk it read and sends a
+StreamEnd that names the reason.
 """
 
 from __future__ import annotations
@@ -26,11 +40,15 @@ import dataclasses
 import enum
 import functools
 import logging
+import math
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from streaminfer.server.batcher import ModelRunner, QueueFull, WorkItem
+from google.protobuf import duration_pb2
+
+from streaminfer.server.batcher import PRIORITY_BULK, PRIORITY_INTERACTIVE, ItemDropped, ModelRunner, QueueFull, WorkItem
 from streaminfer.server.decode import TextDecoder, decode_audio, decode_image
 from streaminfer.server.errors import ChunkRejected, FailedPrecondition, InvalidArgument, NotFound, StreaminferError
 from streaminfer.server.models.base import DecodedChunk, ModelInput, StreamOptions
@@ -43,10 +61,6 @@ logger = logging.getLogger(__name__)
 
 # Below every int64 sequence number a client can send.
 NO_SEQUENCE_NUMBER = -(1 << 63) - 1
-# Seconds a decode thread waits for room in a model's full queue before the
-# chunk fails with OVERFLOW. While it waits, the streams of its lane wait too,
-# and their readers stop at their in-flight windows: backpressure, not loss.
-SUBMIT_TIMEOUT_S = 10.0
 MAX_SAMPLE_RATE_HERTZ = 384_000
 MIN_SAMPLE_RATE_HERTZ = 1_000
 MAX_AUDIO_CHANNELS = 32
@@ -59,6 +73,24 @@ class StreamPhase(enum.Enum):
     STREAMING = "streaming"
     INPUT_ENDED = "input ended"
     CLOSED = "closed"
+
+
+@dataclasses.dataclass(eq=False)
+class FrameTicket:
+    """A video frame between its arrival and its answer, for the keep-latest policy."""
+
+    sequence_number: int
+    items: list[WorkItem] = dataclasses.field(default_factory=list)
+    superseded: bool = False
+    message: str = ""
+
+    def supersede(self, message: str) -> None:
+        """Drop the frame if it has not started. Runs on the loop; the decode thread checks the flag too."""
+        self.superseded = True
+        self.message = message
+        for item in self.items:
+            item.cancel_message = message
+            item.cancelled = True
 
 
 @dataclasses.dataclass(eq=False)
@@ -129,17 +161,55 @@ class Session:
             )
             self._ledgers.setdefault(selection.modality, Ledger(selection.modality, [])).slots.append(slot)
 
+        budget_s = config.chunk_latency_budget.ToNanoseconds() / 1e9
+        if budget_s < 0:
+            raise InvalidArgument(
+                f"config.chunk_latency_budget = {budget_s:.3f} s is invalid: expected a positive duration, "
+                "or zero for the server default"
+            )
+        self.budget_s = budget_s or self._limits.chunk_latency_budget_ms / 1000.0
+        if config.priority not in (pb.PRIORITY_UNSPECIFIED, pb.PRIORITY_INTERACTIVE, pb.PRIORITY_BULK):
+            raise InvalidArgument(
+                f"config.priority = {config.priority} is invalid: expected PRIORITY_INTERACTIVE or PRIORITY_BULK"
+            )
+        self.priority = PRIORITY_BULK if config.priority == pb.PRIORITY_BULK else PRIORITY_INTERACTIVE
+        if config.video_overflow_policy not in (
+            pb.OVERFLOW_POLICY_UNSPECIFIED,
+            pb.OVERFLOW_POLICY_BACKPRESSURE,
+            pb.OVERFLOW_POLICY_KEEP_LATEST,
+        ):
+            raise InvalidArgument(
+                f"config.video_overflow_policy = {config.video_overflow_policy} is invalid: expected "
+                "OVERFLOW_POLICY_BACKPRESSURE or OVERFLOW_POLICY_KEEP_LATEST"
+            )
+        self._keep_latest_video = config.video_overflow_policy != pb.OVERFLOW_POLICY_BACKPRESSURE
+        self._frames: collections.OrderedDict[int, FrameTicket] = collections.OrderedDict()
+
         self._audio_channels = max(1, config.audio_format.audio_channel_count)
         self._audio_samples = 0
         self._text_decoder = TextDecoder()
         self._loop = asyncio.get_running_loop()
         self._lane = executor.decode.assign_lane()
+        # Chunks read and not yet answered in a written message.
         self._in_flight = 0
+        # Chunks answered in the message being built.
+        self._answered_unsent = 0
         self._window_open = asyncio.Event()
         self._window_open.set()
         self._outbound = pb.StreamResponse()
         self._outbound_ready = asyncio.Event()
         self._results_sent = 0
+        self.end_reason = pb.STREAM_END_REASON_UNSPECIFIED
+        self.started_at = time.monotonic()
+        self.last_message_at = self.started_at
+        # When the message being written was handed to gRPC; None between writes.
+        self.write_started_at: float | None = None
+        self._reader: asyncio.Task[None] | None = None
+        # Set once the call is being aborted from outside its handler.
+        self.aborting = False
+        # Called for each chunk read; returns False when the client's key is
+        # over its chunk rate.
+        self.admit_chunk: Callable[[], bool] | None = None
 
     # -- config -------------------------------------------------------------
 
@@ -220,6 +290,10 @@ class Session:
                     max_frame_dimension=limits.max_frame_dimension,
                     max_text_chunk_bytes=limits.max_text_chunk_bytes,
                     max_chunks_in_flight=limits.max_chunks_in_flight,
+                    max_pending_frames=limits.max_pending_frames,
+                    chunk_latency_budget=_duration(self.budget_s),
+                    idle_timeout=_duration(limits.idle_timeout_s),
+                    max_stream_duration=_duration(limits.max_stream_duration_s),
                 ),
                 models=[
                     pb.ModelSelection(model=slot.name, modality=slot.modality)
@@ -231,10 +305,31 @@ class Session:
 
     # -- reading --------------------------------------------------------------
 
+    def start_reading(self, requests: AsyncIterator[pb.StreamRequest]) -> None:
+        """Read the client's messages on a task of their own."""
+        self._reader = asyncio.create_task(self.read(requests), name=f"reader-{self.stream_id}")
+        self._reader.add_done_callback(_log_reader_failure)
+
+    def end_by_server(self, reason: int) -> bool:
+        """Stop reading, flush, answer every chunk read, then end with StreamEnd(reason).
+
+        Returns False when the stream's input had already ended.
+        """
+        if self.phase is not StreamPhase.STREAMING or self.end_reason != pb.STREAM_END_REASON_UNSPECIFIED:
+            return False
+        logger.info("stream %s: ending it: %s", self.stream_id, pb.StreamEndReason.Name(reason))
+        self.end_reason = reason
+        if self._reader is not None:
+            self._reader.cancel()
+        # The flush job moves the phase on once its items are queued.
+        self._executor.decode.submit(self._lane, self._flush_job_for(ends_input=True))
+        return True
+
     async def read(self, requests: AsyncIterator[pb.StreamRequest]) -> None:
         """Consume the client's messages until the end of input."""
         try:
             async for request in requests:
+                self.last_message_at = time.monotonic()
                 kind = request.WhichOneof("request")
                 if kind in _MODALITY_FIELDS:
                     await self._receive_chunk(_MODALITY_FIELDS[kind], getattr(request, kind))
@@ -254,6 +349,7 @@ class Session:
                     raise FailedPrecondition("config was sent twice: only the first StreamRequest carries config")
                 else:
                     raise InvalidArgument("StreamRequest is empty: set one of config, audio, frame, text, control")
+            self.end_reason = pb.STREAM_END_REASON_INPUT_ENDED
             self._executor.decode.submit(self._lane, self._flush_job_for(ends_input=True))
         except StreaminferError as error:
             self.failure = error
@@ -278,17 +374,46 @@ class Session:
             return
         assert ledger is not None
 
+        if self.admit_chunk is not None and not self.admit_chunk():
+            self._add_error(
+                modality,
+                sequence_number,
+                pb.CHUNK_ERROR_REASON_RATE_LIMITED,
+                f"{field} chunk {sequence_number} is over the chunks-per-second limit of this client's API key; "
+                "send fewer chunks per second (larger chunks) or ask for a higher limit",
+            )
+            ledger.last_sequence_number = sequence_number
+            return
+
         # 2. Wait for room in the window. While waiting, this stream is not read.
-        while self._in_flight >= self._limits.max_chunks_in_flight:
-            self._window_open.clear()
-            try:
-                await asyncio.wait_for(self._window_open.wait(), self._limits.stalled_window_flush_s)
-            except TimeoutError:
-                self._flush_stalled_window()
+        try:
+            while self._in_flight >= self._limits.max_chunks_in_flight:
+                self._window_open.clear()
+                try:
+                    await asyncio.wait_for(self._window_open.wait(), self._limits.stalled_window_flush_s)
+                except TimeoutError:
+                    self._flush_stalled_window()
+        except asyncio.CancelledError:
+            # The server ended the stream while this chunk waited: it was
+            # read, so it is answered.
+            self._add_error(
+                modality,
+                sequence_number,
+                pb.CHUNK_ERROR_REASON_SHUTDOWN,
+                f"{field} chunk {sequence_number} was not processed: the server ended the stream; "
+                "resend it on a new stream",
+            )
+            ledger.last_sequence_number = sequence_number
+            raise
+        arrived = time.monotonic()
+        deadline = arrived + self.budget_s if self.budget_s > 0 else math.inf
         self._in_flight += 1
         ledger.pending.append(sequence_number)
         ledger.last_sequence_number = sequence_number
         ledger.received += 1
+        ticket = None
+        if modality == pb.MODALITY_VIDEO and self._keep_latest_video:
+            ticket = self._admit_frame(sequence_number)
 
         # 3. Decode, preprocess and queue for the models on this stream's
         # decode thread, so the loop goes on reading.
@@ -297,12 +422,29 @@ class Session:
             chunk.image_content if modality == pb.MODALITY_VIDEO else chunk.text
         )
         self._executor.decode.submit(
-            self._lane, functools.partial(self._decode_job, ledger, content, sequence_number, client_time)
+            self._lane,
+            functools.partial(self._decode_job, ledger, content, sequence_number, client_time, deadline, ticket),
         )
+
+    def _admit_frame(self, sequence_number: int) -> FrameTicket:
+        """Track a new frame; supersede the oldest waiting frames past max_pending_frames."""
+        waiting = [ticket for ticket in self._frames.values() if not ticket.superseded]
+        excess = len(waiting) + 1 - self._limits.max_pending_frames
+        for ticket in waiting[: max(0, excess)]:
+            ticket.supersede(
+                f"frame {ticket.sequence_number} was dropped for newer frame {sequence_number}: the stream's video "
+                f"fell behind its models (keep-latest, at most {self._limits.max_pending_frames} frames wait); "
+                "send fewer frames per second or smaller frames"
+            )
+        ticket = self._frames[sequence_number] = FrameTicket(sequence_number)
+        return ticket
 
     def _flush_stalled_window(self) -> None:
         # No chunk was acked or failed for a while with the window full, so
         # every chunk in flight may be waiting for input the window keeps out.
+        # Unless the answers are there and the client is not taking them.
+        if self._answered_unsent or self.write_started_at is not None:
+            return
         logger.info(
             "stream %s: no chunk acked or failed for %.1f s with %d in flight; flushing buffered input",
             self.stream_id,
@@ -311,16 +453,31 @@ class Session:
         )
         self._executor.decode.submit(self._lane, self._flush_job_for(ends_input=False))
 
-    def _decode_job(self, ledger: Ledger, content: bytes, sequence_number: int, client_time: float | None) -> None:
+    def _decode_job(
+        self,
+        ledger: Ledger,
+        content: bytes,
+        sequence_number: int,
+        client_time: float | None,
+        deadline: float,
+        ticket: FrameTicket | None,
+    ) -> None:
         """Decode one chunk and queue its model inputs. Runs on the stream's decode thread."""
         if self.closed:
             return
+        if ticket is not None and ticket.superseded:
+            self._call_on_loop(self._fail_chunks, ledger, [sequence_number], pb.CHUNK_ERROR_REASON_OVERFLOW, ticket.message)
+            return
+        if time.monotonic() > deadline:
+            # Stateful preprocessing still sees the chunk below, so the
+            # stream's audio timeline stays whole; only inference is skipped.
+            deadline = -math.inf
         try:
             prepared = self._prepare(ledger, content, sequence_number, client_time)
         except ChunkRejected as rejection:
             self._call_on_loop(self._fail_chunks, ledger, [sequence_number], rejection.reason, rejection.message)
             return
-        self._submit(ledger, prepared)
+        self._submit(ledger, prepared, deadline, ticket)
 
     def _flush_job_for(self, ends_input: bool, modality: int = pb.MODALITY_UNSPECIFIED) -> Callable[[], None]:
         """Return a decode job that flushes the chunks received so far, of one modality or all.
@@ -340,12 +497,13 @@ class Session:
         """Queue the models' buffered inputs. Runs on the stream's decode thread."""
         if self.closed:
             return
+        deadline = time.monotonic() + self.budget_s if self.budget_s > 0 else math.inf
         for modality, last_sequence_number in last_received.items():
             ledger = self._ledgers[modality]
             prepared = [
                 (slot, slot.runner.model.flush(slot.preprocess_state, last_sequence_number)) for slot in ledger.slots
             ]
-            self._submit(ledger, prepared)
+            self._submit(ledger, prepared, deadline)
         if ends_input:
             # Scheduled after the flushed items were submitted, so the loop
             # cannot see the stream as finished before their results arrive.
@@ -419,8 +577,19 @@ class Session:
             prepared.append((slot, inputs))
         return prepared
 
-    def _submit(self, ledger: Ledger, prepared: Iterable[tuple[ModelSlot, list[ModelInput]]]) -> None:
-        """Queue model inputs on their runners. Runs on the stream's decode thread."""
+    def _submit(
+        self,
+        ledger: Ledger,
+        prepared: Iterable[tuple[ModelSlot, list[ModelInput]]],
+        deadline: float,
+        ticket: FrameTicket | None = None,
+    ) -> None:
+        """Queue model inputs on their runners. Runs on the stream's decode thread.
+
+        A full queue fails the chunks at once with OVERFLOW: nothing waits for
+        room, so one stream's full model cannot stall the streams that share
+        its decode thread.
+        """
         for slot, inputs in prepared:
             if not inputs:
                 continue
@@ -434,10 +603,14 @@ class Session:
                         index=slot.next_index + offset,
                         inference_state=slot.inference_state,
                         preprocess_state=slot.preprocess_state,
+                        deadline=deadline,
+                        priority=self.priority,
                     )
                 )
+            if ticket is not None:
+                ticket.items.extend(items)
             try:
-                slot.runner.submit(items, timeout=SUBMIT_TIMEOUT_S)
+                slot.runner.submit(items)
             except QueueFull as error:
                 sequence_numbers = range(inputs[0].first_sequence_number, inputs[-1].last_sequence_number + 1)
                 self._call_on_loop(
@@ -455,6 +628,9 @@ class Session:
                     self._call_on_loop(self._complete_through, slot, completes)
                 continue
             slot.next_index += len(items)
+            if ticket is not None and ticket.superseded:
+                # Superseded while it was being submitted.
+                ticket.supersede(ticket.message)
 
     # -- results --------------------------------------------------------------
 
@@ -469,7 +645,15 @@ class Session:
             item = slot.done.pop(slot.next_release)
             slot.next_release += 1
             model_input = item.model_input
-            if item.error is not None:
+            if isinstance(item.error, ItemDropped):
+                self._fail_chunks(
+                    ledger,
+                    range(model_input.first_sequence_number, model_input.last_sequence_number + 1),
+                    item.error.reason,
+                    f"{slot.name}: {item.error.message}",
+                    slot.name,
+                )
+            elif item.error is not None:
                 self._fail_chunks(
                     ledger,
                     range(model_input.first_sequence_number, model_input.last_sequence_number + 1),
@@ -503,7 +687,7 @@ class Session:
                 ledger.errored.discard(sequence_number)
                 ack = None
                 continue
-            self._release_window()
+            self._answered(ledger.modality, sequence_number)
             ledger.acked += 1
             if ack is None:
                 ack = self._outbound.acks.add(modality=ledger.modality, first_sequence_number=sequence_number)
@@ -519,7 +703,7 @@ class Session:
                 continue
             ledger.errored.add(sequence_number)
             ledger.failed += 1
-            self._release_window()
+            self._answered(ledger.modality, sequence_number)
             self._outbound.errors.add(
                 modality=ledger.modality, sequence_number=sequence_number, reason=reason, message=message, model=model
             )
@@ -535,14 +719,26 @@ class Session:
         self._outbound.errors.add(modality=modality, sequence_number=sequence_number, reason=reason, message=message)
         self._wake_writer()
 
-    def _release_window(self) -> None:
-        self._in_flight -= 1
+    def _answered(self, modality: int, sequence_number: int) -> None:
+        """Count a chunk answered in the message being built; its credit returns once that is written."""
+        self._answered_unsent += 1
+        if modality == pb.MODALITY_VIDEO:
+            self._frames.pop(sequence_number, None)
+
+    def _release_window(self, count: int) -> None:
+        self._in_flight -= count
         self._window_open.set()
 
     # -- writing --------------------------------------------------------------
 
     def _wake_writer(self) -> None:
         self._outbound_ready.set()
+
+    def is_idle(self, now: float, timeout_s: float) -> bool:
+        """True when the stream is open, has nothing in flight, and read nothing for ``timeout_s``."""
+        return (
+            self.phase is StreamPhase.STREAMING and self._in_flight == 0 and now - self.last_message_at > timeout_s
+        )
 
     @property
     def finished(self) -> bool:
@@ -566,9 +762,16 @@ class Session:
                 # Results that arrive while this message is being written go
                 # into the next one, and the loop checks again before ending.
                 self._outbound = pb.StreamResponse()
+                answered, self._answered_unsent = self._answered_unsent, 0
+                self.write_started_at = time.monotonic()
                 yield outbound
+                self.write_started_at = None
+                if answered:
+                    self._release_window(answered)
                 continue
+            self.write_started_at = time.monotonic()
             yield pb.StreamResponse(stream_end=self._totals())
+            self.write_started_at = None
             return
 
     def _totals(self) -> pb.StreamEnd:
@@ -583,6 +786,7 @@ class Session:
                 for ledger in self._ledgers.values()
             ],
             results_sent=self._results_sent,
+            reason=self.end_reason,
         )
 
     def close(self) -> None:
@@ -591,9 +795,26 @@ class Session:
             return
         self.phase = StreamPhase.CLOSED
         self.closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+        self._frames.clear()
         for ledger in self._ledgers.values():
             for slot in ledger.slots:
                 slot.done.clear()
                 slot.preprocess_state = None
                 slot.inference_state = None
         self._window_open.set()
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(round(seconds * 1e9))
+    return duration
+
+
+def _log_reader_failure(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None:
+        logger.error("stream reader failed", exc_info=error)

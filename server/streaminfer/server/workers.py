@@ -43,23 +43,28 @@ def worker_config(config: ServerConfig, workers: int) -> ServerConfig:
     return dataclasses.replace(config, port=port, reuse_port=True, torch_threads=torch_threads)
 
 
-def _worker_main(config: ServerConfig, grace: float, index: int, ready: Any, log_level: str, switch_interval: float) -> None:
+def _worker_main(config: ServerConfig, index: int, ready: Any, log_level: str, switch_interval: float) -> None:
     import uvloop
 
     from streaminfer.server.app import BindError, serve
+    from streaminfer.server.config import ConfigError
 
     logging.basicConfig(
         level=log_level, format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s"
     )
     sys.setswitchinterval(switch_interval)
     try:
-        uvloop.run(serve(config, grace=grace, on_ready=lambda port: ready.put(index)))
-    except BindError as error:
+        # Ctrl-C reaches the whole process group; the parent forwards it as
+        # SIGTERM, so a worker that also took SIGINT would count two signals.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        code = uvloop.run(serve(config, on_ready=lambda port: ready.put(index), signals=(signal.SIGTERM,)))
+    except (BindError, ConfigError) as error:
         print(f"streaminfer worker-{index}: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+    sys.exit(code)
 
 
-def run_workers(config: ServerConfig, workers: int, grace: float, log_level: str, switch_interval: float) -> int:
+def run_workers(config: ServerConfig, workers: int, log_level: str, switch_interval: float) -> int:
     """Start ``workers`` server processes on one port and wait for them; return the exit status."""
     config = worker_config(config, workers)
     context = multiprocessing.get_context("spawn")
@@ -67,7 +72,7 @@ def run_workers(config: ServerConfig, workers: int, grace: float, log_level: str
     processes: list[BaseProcess] = [
         context.Process(
             target=_worker_main,
-            args=(config, grace, index, ready, log_level, switch_interval),
+            args=(config, index, ready, log_level, switch_interval),
             name=f"streaminfer-worker-{index}",
         )
         for index in range(workers)
@@ -83,7 +88,7 @@ def run_workers(config: ServerConfig, workers: int, grace: float, log_level: str
         signals_seen += 1
         for process in processes:
             if process.pid is not None and process.is_alive():
-                os.kill(process.pid, signal.SIGTERM if signals_seen == 1 else signal.SIGKILL)
+                os.kill(process.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)

@@ -1,0 +1,156 @@
+"""How far behind the server is, and the timers that end streams and flag hung models.
+
+LoadMonitor runs on the event loop. Every tick it measures the loop's lag (how
+late a timer fires: the wait every message sees before the loop handles it).
+It projects the queue wait a new stream would see as the largest of the loop
+lag, the decode backlog and each model's queued batches times its batch time;
+admission control compares that projection with its budget.
+
+Every ``CHECK_INTERVAL_S`` it also ends streams that passed a time limit
+(idle, maximum duration), aborts streams whose client stopped reading
+results, and marks a model unhealthy while one of its batches has run longer
+than the hang timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import grpc
+
+from streaminfer.v1 import streaminfer_pb2 as pb
+
+if TYPE_CHECKING:
+    from streaminfer.server.executor import Executor
+    from streaminfer.server.service import InferenceService
+
+logger = logging.getLogger(__name__)
+
+TICK_S = 0.02
+CHECK_INTERVAL_S = 0.25
+# Loop lag is the largest of the last this many ticks (about one second).
+LAG_WINDOW_TICKS = 50
+
+
+class LoadMonitor:
+    def __init__(
+        self,
+        executor: Executor,
+        service: InferenceService,
+        on_health_change: Callable[[bool], Awaitable[None]] | None = None,
+    ) -> None:
+        self._executor = executor
+        self._service = service
+        self._limits = executor.config.limits
+        self._on_health_change = on_health_change
+        self._lags: collections.deque[float] = collections.deque(maxlen=LAG_WINDOW_TICKS)
+        self._task: asyncio.Task[None] | None = None
+        self.unhealthy_models: set[str] = set()
+        self.streams_ended = collections.Counter[str]()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="load-monitor")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def loop_lag_s(self) -> float:
+        return max(self._lags, default=0.0)
+
+    def decode_wait_s(self) -> float:
+        decode = self._executor.decode
+        stats = decode.stats
+        if not stats.jobs:
+            return 0.0
+        return decode.queue_depth * (stats.busy_seconds / stats.jobs) / decode.lanes
+
+    def projected_wait_s(self) -> float:
+        """Seconds a chunk of a new stream would wait in queues before inference starts."""
+        model_wait = max((runner.projected_wait_s() for runner in self._executor.runners.values()), default=0.0)
+        return max(self.loop_lag_s(), self.decode_wait_s(), model_wait)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + CHECK_INTERVAL_S
+        while True:
+            expected = loop.time() + TICK_S
+            await asyncio.sleep(TICK_S)
+            now = loop.time()
+            self._lags.append(max(0.0, now - expected))
+            if now >= next_check:
+                next_check = now + CHECK_INTERVAL_S
+                try:
+                    self._check_streams()
+                    await self._check_models()
+                except Exception:
+                    logger.exception("load monitor check failed")
+
+    def _check_streams(self) -> None:
+        limits = self._limits
+        now = time.monotonic()
+        for session, context in list(self._service.active_sessions.items()):
+            if session.closed:
+                continue
+            write_started = session.write_started_at
+            if write_started is not None and now - write_started > limits.write_timeout_s:
+                if session.aborting:
+                    continue
+                session.aborting = True
+                self.streams_ended["write_timeout"] += 1
+                logger.warning(
+                    "stream %s: the client has not read a response for %.1f s; ending the stream",
+                    session.stream_id,
+                    now - write_started,
+                )
+                asyncio.create_task(
+                    _abort(
+                        context,
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"the client did not read a response for {limits.write_timeout_s:g} s "
+                        "(server limits.write_timeout_s), so the server ended the stream and freed its work; "
+                        "read responses as they arrive",
+                    )
+                )
+            elif limits.max_stream_duration_s and now - session.started_at > limits.max_stream_duration_s:
+                if session.end_by_server(pb.STREAM_END_REASON_MAX_DURATION):
+                    self.streams_ended["max_duration"] += 1
+            elif limits.idle_timeout_s and session.is_idle(now, limits.idle_timeout_s):
+                if session.end_by_server(pb.STREAM_END_REASON_IDLE_TIMEOUT):
+                    self.streams_ended["idle_timeout"] += 1
+
+    async def _check_models(self) -> None:
+        hung = {
+            name
+            for name, runner in self._executor.runners.items()
+            if runner.longest_running_s() > self._limits.model_hang_timeout_s
+        }
+        if hung == self.unhealthy_models:
+            return
+        for name in hung - self.unhealthy_models:
+            logger.error(
+                "model %s: a batch has run for over %.1f s (limits.model_hang_timeout_s); marking the server unhealthy",
+                name,
+                self._limits.model_hang_timeout_s,
+            )
+        for name in self.unhealthy_models - hung:
+            logger.warning("model %s: the long batch finished; healthy again", name)
+        was_healthy = not self.unhealthy_models
+        self.unhealthy_models = hung
+        if self._on_health_change is not None and was_healthy != (not hung):
+            await self._on_health_change(not hung)
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """End a call from outside its handler. The handler's pending write fails and its cleanup runs."""
+    try:
+        await context.abort(code, details)
+    except Exception:
+        # abort() raises AbortError in the calling task by design.
+        pass
