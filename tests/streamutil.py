@@ -55,7 +55,12 @@ def collect(responses: Iterable[pb.StreamResponse]) -> StreamOutcome:
     return outcome
 
 
-def run_stream(channel: grpc.Channel, config: pb.StreamConfig, requests: Iterable[pb.StreamRequest]) -> StreamOutcome:
+def run_stream(
+    channel: grpc.Channel,
+    config: pb.StreamConfig,
+    requests: Iterable[pb.StreamRequest],
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> StreamOutcome:
     """Send ``config`` then ``requests``, half-close, and collect every response."""
 
     def messages() -> Iterator[pb.StreamRequest]:
@@ -63,7 +68,7 @@ def run_stream(channel: grpc.Channel, config: pb.StreamConfig, requests: Iterabl
         yield from requests
 
     stub = pb_grpc.InferenceServiceStub(channel)
-    return collect(stub.Stream(messages(), timeout=120))
+    return collect(stub.Stream(messages(), timeout=120, metadata=metadata))
 
 
 def vad_config(sample_rate: int = 48_000, interim: bool = False) -> pb.StreamConfig:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from streaminfer.server.batcher import ModelRunner, QueueFull, WorkItem
+from streaminfer.server.batcher import PRIORITY_BULK, ItemDropped, ModelRunner, QueueFull, WorkItem
 from streaminfer.server.config import BatchingConfig, ModelConfig
 from streaminfer.server.models.base import DecodedChunk, Model, ModelInfo, ModelInput, StreamOptions
 from streaminfer.v1 import streaminfer_pb2 as pb
@@ -33,6 +33,8 @@ class RecordingModel(Model):
 
     def run_batch(self, inputs: Sequence[ModelInput], states: Sequence[Any]) -> list[Any]:
         self.batches.append([item.data for item in inputs])
+        if any(item.data == "poison" for item in inputs):
+            raise ValueError("poisoned input")
         time.sleep(self.delay_s)
         return [item.data for item in inputs]
 
@@ -65,8 +67,26 @@ class Harness:
         if len(self.delivered) >= self.expected:
             self.done.set()
 
-    def item(self, owner: Owner, data: Any) -> WorkItem:
-        return WorkItem(owner=owner, slot=None, model_input=ModelInput(data, 0, 0, 0), index=0, inference_state=None, preprocess_state=None)
+    def item(self, owner: Owner, data: Any, deadline: float = float("inf"), priority: int = 0) -> WorkItem:
+        return WorkItem(
+            owner=owner,
+            slot=None,
+            model_input=ModelInput(data, 0, 0, 0),
+            index=0,
+            inference_state=None,
+            preprocess_state=None,
+            deadline=deadline,
+            priority=priority,
+        )
+
+    def outcome(self, data: Any) -> str:
+        """Return "ran", or the reason an item was dropped or failed."""
+        item = next(item for item in self.delivered if item.model_input.data == data)
+        if isinstance(item.error, ItemDropped):
+            return pb.ChunkErrorReason.Name(item.error.reason)
+        if item.error is not None:
+            return f"failed: {item.error}"
+        return "ran"
 
     def close(self) -> None:
         self.runner.stop()
@@ -160,3 +180,116 @@ def test_full_queue_fails_fast_without_timeout() -> None:
     assert harness.done.wait(timeout=10)
     harness.close()
     assert [batch[0] for batch in model.batches] == [0, 1, 2, 3]
+
+
+def test_queued_item_expires_during_slow_batch() -> None:
+    model = RecordingModel(stateful=False, delay_s=1.5)
+    harness = Harness(model, BatchingConfig(max_batch_size=1, max_queue_delay_ms=0))
+    stream = owner("a")
+    harness.expected = 2
+    harness.runner.submit([harness.item(stream, "slow")])
+    time.sleep(0.1)  # "slow" is running
+    harness.runner.submit([harness.item(stream, "late", deadline=time.monotonic() + 0.2)])
+    assert harness.done.wait(timeout=10)
+    harness.close()
+
+    # The reaper dropped "late" at its deadline, before the running batch ended.
+    assert [item.model_input.data for item in harness.delivered] == ["late", "slow"]
+    assert harness.outcome("late") == "CHUNK_ERROR_REASON_DEADLINE"
+    assert harness.outcome("slow") == "ran"
+    assert model.batches == [["slow"]]
+    assert harness.runner.stats.dropped_deadline == 1
+
+
+def test_earliest_deadline_runs_first() -> None:
+    model = RecordingModel(stateful=False, delay_s=0.3)
+    harness = Harness(model, BatchingConfig(max_batch_size=2, max_queue_delay_ms=0))
+    stream = owner("a")
+    harness.expected = 5
+    harness.runner.submit([harness.item(stream, "blocker")])
+    time.sleep(0.1)
+    now = time.monotonic()
+    harness.runner.submit(
+        [
+            harness.item(stream, "no deadline"),
+            harness.item(stream, "in 30 s", deadline=now + 30),
+            harness.item(stream, "in 20 s", deadline=now + 20),
+            harness.item(stream, "in 10 s", deadline=now + 10),
+        ]
+    )
+    assert harness.done.wait(timeout=10)
+    harness.close()
+    assert model.batches == [["blocker"], ["in 10 s", "in 20 s"], ["in 30 s", "no deadline"]]
+
+
+def test_interactive_runs_before_bulk() -> None:
+    model = RecordingModel(stateful=True, delay_s=0.3)
+    harness = Harness(model, BatchingConfig(max_batch_size=2, max_queue_delay_ms=0))
+    streams = {name: owner(name) for name in ("blocker", "bulk-1", "bulk-2", "live-1", "live-2")}
+    harness.expected = 5
+    harness.runner.submit([harness.item(streams["blocker"], "blocker")])
+    time.sleep(0.1)
+    now = time.monotonic()
+    # The bulk items have the earlier deadlines, and still wait.
+    for name in ("bulk-1", "bulk-2"):
+        harness.runner.submit([harness.item(streams[name], name, deadline=now + 5, priority=PRIORITY_BULK)])
+    for offset, name in enumerate(("live-1", "live-2")):
+        harness.runner.submit([harness.item(streams[name], name, deadline=now + 10 + offset)])
+    assert harness.done.wait(timeout=10)
+    harness.close()
+    assert model.batches == [["blocker"], ["live-1", "live-2"], ["bulk-1", "bulk-2"]]
+
+
+def test_poisoned_input_fails_alone() -> None:
+    model = RecordingModel(stateful=False)
+    harness = Harness(model, BatchingConfig(max_batch_size=4, max_queue_delay_ms=50))
+    stream = owner("a")
+    harness.expected = 4
+    harness.runner.submit([harness.item(stream, data) for data in ("a", "poison", "b", "c")])
+    assert harness.done.wait(timeout=10)
+    # The next batch runs as usual.
+    harness.expected = 5
+    harness.done.clear()
+    harness.runner.submit([harness.item(stream, "after")])
+    assert harness.done.wait(timeout=10)
+    harness.close()
+
+    assert harness.outcome("poison") == "failed: poisoned input"
+    for data in ("a", "b", "c", "after"):
+        assert harness.outcome(data) == "ran"
+    assert harness.runner.stats.split_batches == 1
+    assert harness.runner.stats.failed_items == 1
+    assert model.batches[0] == ["a", "poison", "b", "c"]
+    assert model.batches[-1] == ["after"]
+
+
+def test_cancelled_item_dropped_as_overflow() -> None:
+    model = RecordingModel(stateful=False, delay_s=0.3)
+    harness = Harness(model, BatchingConfig(max_batch_size=1, max_queue_delay_ms=0))
+    stream = owner("a")
+    harness.expected = 3
+    harness.runner.submit([harness.item(stream, "running")])
+    time.sleep(0.1)
+    superseded = harness.item(stream, "old frame")
+    harness.runner.submit([superseded, harness.item(stream, "new frame")])
+    superseded.cancel_message = "dropped for a newer frame"
+    superseded.cancelled = True
+    assert harness.done.wait(timeout=10)
+    harness.close()
+    assert harness.outcome("old frame") == "CHUNK_ERROR_REASON_OVERFLOW"
+    assert harness.outcome("new frame") == "ran"
+    assert model.batches == [["running"], ["new frame"]]
+    assert harness.runner.stats.dropped_cancelled == 1
+
+
+def test_item_past_deadline_not_run() -> None:
+    model = RecordingModel(stateful=True)
+    harness = Harness(model, BatchingConfig(max_batch_size=8, max_queue_delay_ms=0))
+    harness.expected = 2
+    harness.runner.submit([harness.item(owner("a"), "expired", deadline=time.monotonic() - 1)])
+    harness.runner.submit([harness.item(owner("b"), "fresh", deadline=time.monotonic() + 30)])
+    assert harness.done.wait(timeout=10)
+    harness.close()
+    assert harness.outcome("expired") == "CHUNK_ERROR_REASON_DEADLINE"
+    assert harness.outcome("fresh") == "ran"
+    assert ["expired"] not in model.batches

@@ -43,27 +43,37 @@ def accepted_response(window: int, stream_id: str = "fake-stream") -> pb.StreamR
     return pb.StreamResponse(session_accepted=pb.SessionAccepted(stream_id=stream_id, limits=limits))
 
 
-def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+def rpc_error(
+    code: grpc.StatusCode, details: str, trailing: tuple[tuple[str, str], ...] = ()
+) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), details=details)
 
 
 class FakeStreamCall:
-    """A scripted ``StreamStreamCall``: records writes, returns queued responses."""
+    """A scripted ``StreamStreamCall``: records writes, returns queued responses.
 
-    def __init__(self, window: int = 2, *, accept: bool = True) -> None:
+    Like a gRPC call, it rejects writes once a read has returned its end (EOF
+    or an error status).
+    """
+
+    def __init__(self, window: int = 2, *, accept: bool = True, stream_id: str = "fake-stream") -> None:
         self.window = window
         self.accept = accept
+        self.stream_id = stream_id
         self.requests: list[pb.StreamRequest] = []
         self.half_closed = False
         self.cancelled = False
+        self.finished = False
         self._responses: asyncio.Queue[object] = asyncio.Queue()
 
     async def write(self, request: pb.StreamRequest) -> None:
+        if self.finished:
+            raise asyncio.InvalidStateError("RPC already finished")
         if self.half_closed:
             raise asyncio.InvalidStateError("write after done_writing")
         self.requests.append(request)
         if request.HasField("config") and self.accept:
-            self._responses.put_nowait(accepted_response(self.window))
+            self._responses.put_nowait(accepted_response(self.window, stream_id=self.stream_id))
 
     async def done_writing(self) -> None:
         self.half_closed = True
@@ -71,7 +81,11 @@ class FakeStreamCall:
     async def read(self) -> object:
         item = await self._responses.get()
         if isinstance(item, BaseException):
+            if not isinstance(item, asyncio.CancelledError):
+                self.finished = True
             raise item
+        if item is grpc.aio.EOF:
+            self.finished = True
         return item
 
     def cancel(self) -> bool:
@@ -94,6 +108,14 @@ class FakeStreamCall:
 
     def finish(self) -> None:
         self._responses.put_nowait(grpc.aio.EOF)
+
+    def end_by_server(self, reason: int, code: grpc.StatusCode, details: str = "the server ended the stream") -> None:
+        """Send StreamEnd with ``reason``, then end the call with ``code``, as a server-side end does."""
+        self.respond(pb.StreamResponse(stream_end=pb.StreamEnd(reason=reason)))
+        if code is grpc.StatusCode.OK:
+            self.finish()
+        else:
+            self.fail(rpc_error(code, details))
 
     def chunks(self, kind: str) -> list[pb.StreamRequest]:
         return [request for request in self.requests if request.WhichOneof("request") == kind]
@@ -129,12 +151,38 @@ class FakeInferenceService(pb_grpc.InferenceServiceServicer):
         self.stream_requests: list[pb.StreamRequest] = []
         self.max_pending = 0
         self.infer_requests: list[pb.InferRequest] = []
+        # Per method name: the invocation metadata of every call, as a dict.
+        self.metadata: dict[str, list[dict[str, str]]] = {}
+        # Per method name: (code, pushback value or None) of the calls still to reject, first first.
+        self.rejections: dict[str, list[tuple[grpc.StatusCode, str | None]]] = {}
+        # Stream calls after SessionAccepted: fail the next one with this status once it read a chunk.
+        self.fail_stream_after_first_chunk: grpc.StatusCode | None = None
+        # End each stream, as a server does at its maximum duration, after it read this many chunks.
+        self.end_streams_after_chunks: int | None = None
+        self.streams_ended_by_server = 0
         self._lock = threading.Lock()
 
+    def reject(self, method: str, code: grpc.StatusCode, pushback: str | None = None, times: int = 1) -> None:
+        """Reject the next ``times`` calls of ``method`` with ``code``, with grpc-retry-pushback-ms when given."""
+        self.rejections.setdefault(method, []).extend([(code, pushback)] * times)
+
+    def _admit(self, method: str, context) -> None:
+        with self._lock:
+            self.metadata.setdefault(method, []).append(dict(context.invocation_metadata()))
+            pending = self.rejections.get(method)
+            rejection = pending.pop(0) if pending else None
+        if rejection is not None:
+            code, pushback = rejection
+            if pushback is not None:
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", pushback),))
+            context.abort(code, f"{method} rejected by the fake server")
+
     def ListModels(self, request, context):  # noqa: N802 (gRPC method name)
+        self._admit("ListModels", context)
         return pb.ListModelsResponse(models=MODELS)
 
     def GetModel(self, request, context):  # noqa: N802
+        self._admit("GetModel", context)
         for model in MODELS:
             if model.name == request.name:
                 return pb.GetModelResponse(model=model)
@@ -143,6 +191,7 @@ class FakeInferenceService(pb_grpc.InferenceServiceServicer):
         )
 
     def Infer(self, request, context):  # noqa: N802
+        self._admit("Infer", context)
         self.infer_requests.append(request)
         if request.model not in _MODALITY_OF:
             context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} not found")
@@ -156,10 +205,14 @@ class FakeInferenceService(pb_grpc.InferenceServiceServicer):
         first = next(requests, None)
         if first is None or not first.HasField("config") or not first.config.models:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a StreamConfig with models")
+        self._admit("Stream", context)
         yield accepted_response(self.window, stream_id="grpc-fake")
-        yield from self._answer(requests)
+        if self.fail_stream_after_first_chunk is not None:
+            next(requests, None)
+            context.abort(self.fail_stream_after_first_chunk, "the fake server failed the stream")
+        yield from self._answer(requests, context)
 
-    def _answer(self, requests: Iterator[pb.StreamRequest]) -> Iterator[pb.StreamResponse]:
+    def _answer(self, requests: Iterator[pb.StreamRequest], context) -> Iterator[pb.StreamResponse]:
         pending: list[tuple[int, int]] = []
         received: dict[int, int] = {}
         acked: dict[int, int] = {}
@@ -188,6 +241,13 @@ class FakeInferenceService(pb_grpc.InferenceServiceServicer):
             self.max_pending = max(self.max_pending, len(pending))
             if len(pending) >= self.window:
                 yield self._ack_all(pending, acked)
+            if self.end_streams_after_chunks is not None and sum(received.values()) >= self.end_streams_after_chunks:
+                if pending:
+                    yield self._ack_all(pending, acked)
+                with self._lock:
+                    self.streams_ended_by_server += 1
+                yield pb.StreamResponse(stream_end=pb.StreamEnd(reason=pb.STREAM_END_REASON_MAX_DURATION))
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the stream reached its maximum duration")
         if pending:
             yield self._ack_all(pending, acked)
         totals = [
@@ -199,7 +259,11 @@ class FakeInferenceService(pb_grpc.InferenceServiceServicer):
             )
             for modality in sorted(received)
         ]
-        yield pb.StreamResponse(stream_end=pb.StreamEnd(totals=totals, results_sent=sum(acked.values())))
+        yield pb.StreamResponse(
+            stream_end=pb.StreamEnd(
+                totals=totals, results_sent=sum(acked.values()), reason=pb.STREAM_END_REASON_INPUT_ENDED
+            )
+        )
 
     @staticmethod
     def _ack_all(pending: list[tuple[int, int]], acked: dict[int, int]) -> pb.StreamResponse:
@@ -225,13 +289,19 @@ class FakeInferenceService(pb_grpc.InferenceServiceServicer):
 
 
 class FakeServer:
-    """A real gRPC server on 127.0.0.1 with ``FakeInferenceService``; use as a context manager."""
+    """A real gRPC server on 127.0.0.1 with ``FakeInferenceService``; use as a context manager.
 
-    def __init__(self, window: int = 4) -> None:
+    With ``server_credentials`` the port speaks TLS only.
+    """
+
+    def __init__(self, window: int = 4, *, server_credentials: grpc.ServerCredentials | None = None) -> None:
         self.service = FakeInferenceService(window)
         self._server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
         pb_grpc.add_InferenceServiceServicer_to_server(self.service, self._server)
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        if server_credentials is None:
+            self.port = self._server.add_insecure_port("127.0.0.1:0")
+        else:
+            self.port = self._server.add_secure_port("127.0.0.1:0", server_credentials)
         self.target = f"127.0.0.1:{self.port}"
 
     def __enter__(self) -> FakeServer:

@@ -9,10 +9,11 @@ import socket
 import subprocess
 import sys
 
+import grpc
 import pytest
 from client_fakes import FakeServer, write_wav
 
-from streaminfer.client import ChunkFailed, ChunksAcked, Modality, Result, StreamEnded
+from streaminfer.client import ChunkFailed, ChunksAcked, Modality, Result, StreamEnded, StreamRolledOver
 from streaminfer.client._output import event_json, format_event, summary_json, summary_lines
 from streaminfer.client._tracker import ChunkTracker
 from streaminfer.client.cli import main
@@ -370,3 +371,139 @@ def test_float_wav_error_says_what_to_do(tmp_path, capsys) -> None:
     error = capsys.readouterr().err
     assert "32-bit float samples are not supported" in error
     assert "sox" in error
+
+
+def test_connection_help_states_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["models", "--help"])
+
+    text = " ".join(capsys.readouterr().out.split())
+    assert "x-api-key metadata of every call (default: the STREAMINFER_API_KEY environment variable" in text
+    assert "(default: plaintext)" in text
+    assert "starts at 0.2 s and doubles up to 10 s" in text
+    assert "0 turns retries off (default 4)" in text
+
+
+def test_cli_api_key_from_option_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    with FakeServer() as server:
+        assert main(["models", "--target", server.target, "--api-key", "from-option"], out=io.StringIO()) == 0
+        monkeypatch.setenv("STREAMINFER_API_KEY", "from-environment")
+        assert main(["models", "--target", server.target], out=io.StringIO()) == 0
+        assert main(["models", "--target", server.target, "--api-key", "override"], out=io.StringIO()) == 0
+        monkeypatch.delenv("STREAMINFER_API_KEY")
+        assert main(["models", "--target", server.target], out=io.StringIO()) == 0
+
+    keys = [metadata.get("x-api-key") for metadata in server.service.metadata["ListModels"]]
+    assert keys == ["from-option", "from-environment", "override", None]
+
+
+def test_cli_retries_option() -> None:
+    with FakeServer() as server:
+        server.service.reject("ListModels", grpc.StatusCode.UNAVAILABLE, pushback="0")
+        assert main(["models", "--target", server.target], out=io.StringIO()) == 0
+        server.service.reject("ListModels", grpc.StatusCode.UNAVAILABLE, pushback="0")
+        assert main(["models", "--target", server.target, "--retries", "0"], out=io.StringIO()) == 1
+
+    assert len(server.service.metadata["ListModels"]) == 3
+
+
+def test_cli_rejects_half_client_certificate(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path) -> None:
+    certificate = tmp_path / "client.pem"
+    certificate.write_text("-----BEGIN CERTIFICATE-----\n", encoding="ascii")
+
+    assert main(["models", "--cert-file", str(certificate)]) == 2
+
+    error = capsys.readouterr().err
+    assert "--cert-file and --key-file go together" in error
+
+
+def test_cli_names_unreadable_ca_file(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "my_ca_file.pem"
+
+    assert main(["models", "--ca-file", str(path)]) == 2
+
+    error = capsys.readouterr().err
+    assert f"--ca-file {str(path)!r} could not be read" in error
+
+
+def test_cli_rejects_padded_api_key(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "--api-key", " key"]) == 2
+
+    assert "--api-key (or STREAMINFER_API_KEY) is invalid" in capsys.readouterr().err
+
+
+def test_cli_stream_roll_over(tmp_path: pathlib.Path) -> None:
+    wav = tmp_path / "speech.wav"
+    # 10 chunks of 32 ms.
+    write_wav(wav, rate=16000, channels=1, frames=5120)
+    out = io.StringIO()
+
+    with FakeServer(window=4) as server:
+        server.service.end_streams_after_chunks = 4
+        status = main(
+            ["stream", "--target", server.target, "--audio", str(wav), "--speed", "0", "--roll-over", "--json"],
+            out=out,
+        )
+
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    rollovers = [line for line in lines if line["event"] == "rolledOver"]
+    summary = lines[-1]
+    assert status == 0
+    assert server.service.streams_ended_by_server == 2
+    assert len(rollovers) == 2
+    assert rollovers[0]["previousEnd"]["reason"] == "STREAM_END_REASON_MAX_DURATION"
+    assert summary["rollovers"] == 2
+    assert summary["modalities"]["audio"]["sent"] == 10
+    assert summary["modalities"]["audio"]["acked"] == 10
+    assert summary["modalities"]["audio"]["failed"] == 0
+
+
+def test_cli_stream_without_roll_over_fails(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    wav = tmp_path / "speech.wav"
+    write_wav(wav, rate=16000, channels=1, frames=5120)
+    out = io.StringIO()
+
+    with FakeServer(window=4) as server:
+        server.service.end_streams_after_chunks = 4
+        status = main(["stream", "--target", server.target, "--audio", str(wav), "--speed", "0"], out=out)
+
+    assert status == 1
+    assert "DEADLINE_EXCEEDED: the stream reached its maximum duration" in capsys.readouterr().err
+    assert "  the server ended the stream: MAX_DURATION" in out.getvalue().splitlines()
+
+
+def test_format_roll_over_event() -> None:
+    accepted = pb.SessionAccepted(stream_id="s-2")
+    end = pb.StreamEnd(reason=pb.STREAM_END_REASON_DRAINING)
+    event = StreamRolledOver(end, "s-1", accepted, ((Modality.AUDIO, 7), (Modality.TEXT, 2)))
+
+    data = json.loads(event_json(event))
+
+    assert format_event(event) == "[stream] stream s-1 ended (DRAINING); continuing as stream s-2, 2 chunk(s) resent"
+    assert data == {
+        "event": "rolledOver",
+        "previousEnd": {"reason": "STREAM_END_REASON_DRAINING"},
+        "previousStreamId": "s-1",
+        "streamId": "s-2",
+        "resent": [{"modality": "audio", "sequenceNumber": 7}, {"modality": "text", "sequenceNumber": 2}],
+    }
+
+
+def test_chunk_error_json_marks_client_reports() -> None:
+    proto = pb.ChunkError(modality=pb.MODALITY_AUDIO, sequence_number=4, reason=pb.CHUNK_ERROR_REASON_SHUTDOWN)
+
+    assert json.loads(event_json(ChunkFailed(proto, 0.5, from_client=True)))["fromClient"] is True
+    assert json.loads(event_json(ChunkFailed(proto, 0.5)))["fromClient"] is False
+
+
+def test_summary_after_roll_over() -> None:
+    stats = _stats_fixture().stats
+    stats.rollovers = 2
+    stats.modality(Modality.AUDIO).resent = 3
+    end = pb.StreamEnd(totals=[pb.ModalityTotals(modality=pb.MODALITY_AUDIO, chunks_received=1, chunks_acked=1)])
+
+    lines = summary_lines("s-3", stats, end)
+
+    assert "  rolled over to a new stream 2 time(s), 3 chunk(s) resent" in lines
+    # The last StreamEnd counts only the last stream, so it is not compared.
+    assert not any("server counted differently" in line for line in lines)

@@ -12,11 +12,11 @@ PUBLIC_NAMES = {
     "AlreadyExistsError", "AsyncClient", "AudioFormat", "CallCancelledError", "ChunkFailed", "ChunksAcked",
     "ClientOptions", "DEFAULT_TARGET", "DeadlineExceededError", "InternalError", "InvalidArgumentError",
     "MediaChunk", "Modality", "ModalityStats", "NotFoundError", "Pacer", "PermissionDeniedError",
-    "RETRYABLE_CODES", "ResourceExhaustedError", "Result", "RpcError", "StreamEnded", "StreamEvent",
-    "StreamSession", "StreamState", "StreamStateError", "StreamStats", "StreaminferError", "SyncClient",
-    "SyncStream", "UnavailableError", "UnimplementedError", "VideoFormat", "__version__", "iter_text_chunks",
-    "iter_video_frames", "iter_wav_chunks", "paced", "paced_async", "percentile", "read_wav_format",
-    "stream_config", "video_frame_rate",
+    "RETRYABLE_CODES", "ResourceExhaustedError", "Result", "RetryPolicy", "RpcError", "StreamEnded",
+    "StreamEvent", "StreamRolledOver", "StreamSession", "StreamState", "StreamStateError", "StreamStats",
+    "StreaminferError", "SyncClient", "SyncStream", "UnavailableError", "UnimplementedError", "VideoFormat",
+    "__version__", "iter_text_chunks", "iter_video_frames", "iter_wav_chunks", "paced", "paced_async",
+    "percentile", "read_wav_format", "stream_config", "tls_credentials", "video_frame_rate",
 }
 
 

@@ -347,6 +347,10 @@ def test_call_failure_reaches_iterator_and_senders() -> None:
 
         call.fail(rpc_error(grpc.StatusCode.UNAVAILABLE, "server is shutting down"))
 
+        unanswered = await session.next_event()
+        assert isinstance(unanswered, ChunkFailed)
+        assert unanswered.sequence_number == 1
+        assert unanswered.reason == "SHUTDOWN"
         with pytest.raises(UnavailableError) as caught:
             await session.next_event()
         assert caught.value.retryable

@@ -1,8 +1,9 @@
 """Client SDK for the streaminfer realtime inference server.
 
 ``AsyncClient`` is the asyncio client and ``SyncClient`` the blocking one; both
-open stream sessions that number chunks, keep to the server's in-flight window
-and measure per-chunk latency. ``stream_config`` builds a stream's first
+retry calls the server rejects for load, and open stream sessions that number
+chunks, keep to the server's in-flight window, measure per-chunk latency and,
+on request, roll over to a new stream when the server ends one. ``stream_config`` builds a stream's first
 message, and the media readers cut WAV, video and text files into chunks.
 """
 
@@ -24,7 +25,7 @@ from streaminfer.client._errors import (
     UnavailableError,
     UnimplementedError,
 )
-from streaminfer.client._events import ChunkFailed, ChunksAcked, Result, StreamEnded, StreamEvent
+from streaminfer.client._events import ChunkFailed, ChunksAcked, Result, StreamEnded, StreamEvent, StreamRolledOver
 from streaminfer.client._media import (
     MediaChunk,
     iter_text_chunks,
@@ -33,8 +34,9 @@ from streaminfer.client._media import (
     read_wav_format,
     video_frame_rate,
 )
-from streaminfer.client._options import DEFAULT_TARGET, ClientOptions
+from streaminfer.client._options import DEFAULT_TARGET, ClientOptions, tls_credentials
 from streaminfer.client._pacing import Pacer, paced, paced_async
+from streaminfer.client._retry import RetryPolicy
 from streaminfer.client._session import StreamSession, StreamState
 from streaminfer.client._sync import SyncClient, SyncStream
 from streaminfer.client._tracker import ModalityStats, StreamStats, percentile
@@ -61,9 +63,11 @@ __all__ = [
     "RETRYABLE_CODES",
     "ResourceExhaustedError",
     "Result",
+    "RetryPolicy",
     "RpcError",
     "StreamEnded",
     "StreamEvent",
+    "StreamRolledOver",
     "StreamSession",
     "StreamState",
     "StreamStateError",
@@ -83,5 +87,6 @@ __all__ = [
     "percentile",
     "read_wav_format",
     "stream_config",
+    "tls_credentials",
     "video_frame_rate",
 ]

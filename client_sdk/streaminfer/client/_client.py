@@ -10,8 +10,15 @@ import grpc
 
 from streaminfer.client._config import AudioFormat, VideoFormat
 from streaminfer.client._errors import error_from_rpc_error
-from streaminfer.client._options import DEFAULT_PORT, DEFAULT_TARGET, ClientOptions, create_channel
-from streaminfer.client._session import StreamSession
+from streaminfer.client._options import (
+    API_KEY_METADATA_KEY,
+    DEFAULT_PORT,
+    DEFAULT_TARGET,
+    ClientOptions,
+    create_channel,
+)
+from streaminfer.client._retry import Retrier, RetryPolicy
+from streaminfer.client._session import StreamCall, StreamSession, accept_stream
 from streaminfer.v1 import streaminfer_pb2 as pb
 from streaminfer.v1 import streaminfer_pb2_grpc as pb_grpc
 
@@ -38,6 +45,18 @@ def with_default_port(target: str) -> str:
     return f"{target}:{DEFAULT_PORT}"
 
 
+def is_loopback_target(target: str) -> bool:
+    """True for a target on this machine: a loopback address, localhost or a Unix socket."""
+    if target.startswith("unix:"):
+        return True
+    host = target.removeprefix("dns:").removeprefix("ipv4:").removeprefix("ipv6:").lstrip("/")
+    if host.startswith("["):
+        host = host[1 : host.find("]")]
+    else:
+        host = host.rpartition(":")[0] or host
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
 class AsyncClient:
     """A client of one streaminfer server, for use in a running event loop.
 
@@ -45,6 +64,11 @@ class AsyncClient:
     ``close()``. The channel opens on first use, on the event loop of that
     call; every later call must run on the same loop. Errors are raised as
     ``StreaminferError`` subclasses with the gRPC code and the server's message.
+
+    ``credentials`` turns on TLS (see ``tls_credentials``). ``api_key`` is
+    sent in the ``x-api-key`` metadata of every call. ``retry_policy`` sets
+    how unary calls and stream setup rejected with UNAVAILABLE or
+    RESOURCE_EXHAUSTED are retried; the default is ``RetryPolicy()``.
     """
 
     def __init__(
@@ -53,13 +77,22 @@ class AsyncClient:
         *,
         options: ClientOptions | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
+        retry_policy: RetryPolicy | None = None,
     ) -> None:
         self.target = with_default_port(target)
         self.options = options or ClientOptions()
+        self.retry_policy = retry_policy or RetryPolicy()
         self._credentials = credentials
+        self._metadata = _call_metadata(self.options, api_key)
+        self._retrier = Retrier(self.retry_policy)
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.InferenceServiceStub | None = None
         self._closed = False
+        if api_key and credentials is None and not is_loopback_target(self.target):
+            logger.warning(
+                "the API key will be sent to %s without TLS, readable by anyone on the network path", self.target
+            )
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -89,29 +122,34 @@ class AsyncClient:
         method: Callable[..., Awaitable[_Response]],
         request: object,
         timeout: float | None,
+        name: str,
     ) -> _Response:
-        try:
-            return await method(
-                request,
-                timeout=timeout if timeout is not None else self.options.unary_timeout_s,
-                metadata=self.options.metadata or None,
-            )
-        except grpc.aio.AioRpcError as error:
-            raise error_from_rpc_error(error) from error
+        async def attempt(attempt_timeout: float | None) -> _Response:
+            try:
+                return await method(request, timeout=attempt_timeout, metadata=self._metadata)
+            except grpc.aio.AioRpcError as error:
+                raise error_from_rpc_error(error) from error
+
+        deadline = self._retrier.deadline(timeout if timeout is not None else self.options.unary_timeout_s)
+        return await self._retrier.run(attempt, name=name, deadline=deadline)
 
     async def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
         """Return the models the server serves.
 
-        ``timeout`` is in seconds; None uses ``options.unary_timeout_s``.
+        ``timeout`` is in seconds, retries included; None uses ``options.unary_timeout_s``.
         """
         stub = self._get_stub()
-        response: pb.ListModelsResponse = await self._unary(stub.ListModels, pb.ListModelsRequest(), timeout)
+        response: pb.ListModelsResponse = await self._unary(
+            stub.ListModels, pb.ListModelsRequest(), timeout, "ListModels"
+        )
         return list(response.models)
 
     async def get_model(self, name: str, *, timeout: float | None = None) -> pb.ModelInfo:
         """Return one model's metadata; raises ``NotFoundError`` for an unknown name."""
         stub = self._get_stub()
-        response: pb.GetModelResponse = await self._unary(stub.GetModel, pb.GetModelRequest(name=name), timeout)
+        response: pb.GetModelResponse = await self._unary(
+            stub.GetModel, pb.GetModelRequest(name=name), timeout, "GetModel"
+        )
         return response.model
 
     async def infer(
@@ -142,7 +180,7 @@ class AsyncClient:
             tensor=tensor,
         )
         stub = self._get_stub()
-        response: pb.InferResponse = await self._unary(stub.Infer, request, timeout)
+        response: pb.InferResponse = await self._unary(stub.Infer, request, timeout, "Infer")
         return list(response.results)
 
     async def open_stream(
@@ -151,22 +189,52 @@ class AsyncClient:
         *,
         timeout: float | None = None,
         max_chunks_in_flight: int | None = None,
+        roll_over: bool = False,
     ) -> StreamSession:
         """Open a stream, send ``config`` and wait until the server accepts it.
 
-        ``timeout`` is a deadline for the whole stream in seconds; None means
-        none. ``max_chunks_in_flight`` lowers the server's window, for example
-        to measure latency without queueing. Build ``config`` with
-        ``stream_config``. Raises the SDK error for the server's status when it
-        rejects the config.
+        ``timeout`` is a deadline for the whole session in seconds, setup
+        retries and roll-overs included; None means none.
+        ``max_chunks_in_flight`` lowers the server's window, for example to
+        measure latency without queueing. Build ``config`` with
+        ``stream_config``. Setup is retried under the client's retry policy
+        until the server sends ``SessionAccepted``, never after. Raises the SDK
+        error for the server's status when it rejects the config.
+
+        With ``roll_over``, the session goes on in a new stream with the same
+        config when the server ends the stream with reason DRAINING or
+        MAX_DURATION, or after IDLE_TIMEOUT when the session sends again. It
+        resends the unanswered chunks there and emits ``StreamRolledOver``.
         """
         stub = self._get_stub()
-        call = stub.Stream(timeout=timeout, metadata=self.options.metadata or None)
-        try:
-            return await StreamSession.open(call, config, max_chunks_in_flight=max_chunks_in_flight)
-        except BaseException:
-            call.cancel()
-            raise
+        deadline = self._retrier.deadline(timeout)
+
+        async def attempt(attempt_timeout: float | None) -> tuple[StreamCall, pb.StreamResponse]:
+            call = stub.Stream(timeout=attempt_timeout, metadata=self._metadata)
+            try:
+                return call, await accept_stream(call, config)
+            except BaseException:
+                call.cancel()
+                raise
+
+        async def open_call() -> tuple[StreamCall, pb.StreamResponse]:
+            return await self._retrier.run(attempt, name="Stream setup", deadline=deadline)
+
+        call, response = await open_call()
+        return StreamSession.start(
+            call, response, max_chunks_in_flight=max_chunks_in_flight, reopen=open_call if roll_over else None
+        )
+
+
+def _call_metadata(options: ClientOptions, api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    """Return the metadata of every call: the options' entries and the API key; None for none."""
+    metadata = list(options.metadata)
+    if api_key is not None:
+        if not api_key or api_key != api_key.strip():
+            raise ValueError("api_key is invalid: expected a non-empty key without leading or trailing whitespace")
+        metadata = [(key, value) for key, value in metadata if key.lower() != API_KEY_METADATA_KEY]
+        metadata.append((API_KEY_METADATA_KEY, api_key))
+    return tuple(metadata) or None
 
 
 def build_infer_request(

@@ -16,8 +16,10 @@
     │   └── InternalError            INTERNAL, UNKNOWN, DATA_LOSS
     └── StreamStateError             a stream method called in the wrong state
 
-``RETRYABLE_CODES`` is the same table's retryable column; the channel's retry
-policy for unary calls is built from it.
+``RETRYABLE_CODES`` is the same table's retryable column. A call that ends
+with trailing metadata ``grpc-retry-pushback-ms`` carries the server's retry
+advice on the error: a wait in ``retry_pushback_s``, or ``retryable`` False when
+the value is negative or unparsable.
 """
 
 from __future__ import annotations
@@ -49,13 +51,23 @@ class StreaminferError(Exception):
     ``code`` is the gRPC status code, or None for errors raised in the client
     without a call ending. ``details`` is the server's message. ``retryable``
     is True when the same request may succeed if sent again later.
+    ``retry_pushback_s`` is the wait in seconds the server asked for before a
+    retry (``grpc-retry-pushback-ms``), or None when it sent none.
     """
 
-    def __init__(self, details: str, code: grpc.StatusCode | None = None, *, retryable: bool = False) -> None:
+    def __init__(
+        self,
+        details: str,
+        code: grpc.StatusCode | None = None,
+        *,
+        retryable: bool = False,
+        retry_pushback_s: float | None = None,
+    ) -> None:
         super().__init__(details)
         self.code = code
         self.details = details
         self.retryable = retryable
+        self.retry_pushback_s = retry_pushback_s
 
     def __str__(self) -> str:
         if self.code is None:
@@ -141,9 +153,39 @@ RETRYABLE_CODES: frozenset[grpc.StatusCode] = frozenset(
 )
 
 
+PUSHBACK_METADATA_KEY = "grpc-retry-pushback-ms"
+
+
 def error_from_rpc_error(error: grpc.RpcError) -> RpcError:
     """Build the SDK exception for a failed call; the caller chains it with ``from``."""
     code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
     details = error.details() if callable(getattr(error, "details", None)) else str(error)
     cls, retryable = _ERRORS_BY_CODE.get(code, (InternalError, False))
-    return cls(details or "no details from the server", code, retryable=retryable)
+    pushback = _pushback_value(error)
+    pushback_s = None
+    if pushback is not None:
+        pushback_s = parse_pushback_s(pushback)
+        if pushback_s is None:
+            retryable = False
+    return cls(details or "no details from the server", code, retryable=retryable, retry_pushback_s=pushback_s)
+
+
+def parse_pushback_s(value: str | bytes) -> float | None:
+    """Convert a ``grpc-retry-pushback-ms`` value to seconds; None for a negative or unparsable one.
+
+    gRPC defines the value as a non-negative decimal integer of milliseconds,
+    and anything else as the server asking for no retry.
+    """
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+    text = text.strip()
+    if not text.isascii() or not text.isdigit():
+        return None
+    return int(text) / 1000
+
+
+def _pushback_value(error: grpc.RpcError) -> str | bytes | None:
+    trailing = error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else None
+    for key, value in trailing or ():
+        if key.lower() == PUSHBACK_METADATA_KEY:
+            return value
+    return None

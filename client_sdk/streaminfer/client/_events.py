@@ -2,7 +2,8 @@
 
 One ``StreamResponse`` may carry several results, acks and errors. The session
 turns it into events in that order, so the results that cover a chunk come
-before its acknowledgement, as the API promises.
+before its acknowledgement, as the API promises. A session in roll-over mode
+also emits ``StreamRolledOver`` when it continues on a new stream.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from google.protobuf import duration_pb2
 from streaminfer.client._config import Modality
 from streaminfer.v1 import streaminfer_pb2 as pb
 
-__all__ = ["ChunkFailed", "ChunksAcked", "Result", "StreamEnded", "StreamEvent"]
+__all__ = ["ChunkFailed", "ChunksAcked", "Result", "StreamEnded", "StreamEvent", "StreamRolledOver"]
 
 
 def seconds_of(duration: duration_pb2.Duration) -> float:
@@ -87,11 +88,17 @@ class ChunksAcked:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ChunkFailed:
-    """A chunk the server rejected or dropped; the stream goes on."""
+    """A chunk the server rejected or dropped; the stream goes on.
+
+    The session also emits one with reason SHUTDOWN for each chunk still
+    unanswered when the stream ends; ``from_client`` is True for those.
+    """
 
     proto: pb.ChunkError
     # Seconds from write to this error; None when the chunk was not outstanding.
     latency_s: float | None
+    # True when the session, not the server, reported the failure.
+    from_client: bool = False
 
     @property
     def modality(self) -> Modality:
@@ -125,5 +132,45 @@ class StreamEnded:
     def results_sent(self) -> int:
         return self.proto.results_sent
 
+    @property
+    def reason(self) -> str:
+        """The reason the stream ended, for example "INPUT_ENDED" or "DRAINING".
 
-StreamEvent = Result | ChunksAcked | ChunkFailed | StreamEnded
+        It is "UNSPECIFIED" from a server that sends no reason.
+        """
+        return end_reason(self.proto)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StreamRolledOver:
+    """The session goes on in a new stream after the server ended the previous one.
+
+    Chunks the previous stream left unanswered were resent on the new stream
+    with their sequence numbers; their answers follow as usual.
+    """
+
+    # The StreamEnd of the previous stream, with its reason and totals.
+    previous_end: pb.StreamEnd
+    previous_stream_id: str
+    # The new stream's SessionAccepted.
+    accepted: pb.SessionAccepted
+    # (modality, sequence number) of each chunk resent, in the order written.
+    resent: tuple[tuple[Modality, int], ...]
+
+    @property
+    def stream_id(self) -> str:
+        """The new stream's id."""
+        return self.accepted.stream_id
+
+    @property
+    def reason(self) -> str:
+        """Why the previous stream ended, for example "MAX_DURATION"."""
+        return end_reason(self.previous_end)
+
+
+def end_reason(stream_end: pb.StreamEnd) -> str:
+    """Return the ``StreamEnd`` reason without its prefix, for example "DRAINING"."""
+    return pb.StreamEndReason.Name(stream_end.reason).removeprefix("STREAM_END_REASON_")
+
+
+StreamEvent = Result | ChunksAcked | ChunkFailed | StreamEnded | StreamRolledOver

@@ -1,24 +1,23 @@
-"""Client options and the gRPC channel they build."""
+"""Client options, TLS credentials and the gRPC channel they build."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import pathlib
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
 
-from streaminfer.client._errors import RETRYABLE_CODES
 from streaminfer.client._version import __version__
 
-__all__ = ["ClientOptions", "DEFAULT_TARGET"]
+__all__ = ["API_KEY_METADATA_KEY", "ClientOptions", "DEFAULT_TARGET", "tls_credentials"]
 
 DEFAULT_PORT = 50051
 DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORT}"
+# The call metadata key the server reads the API key from.
+API_KEY_METADATA_KEY = "x-api-key"
 
-_SERVICE = "streaminfer.v1.InferenceService"
-_UNARY_METHODS = ("Infer", "ListModels", "GetModel")
 _MIB = 1024 * 1024
 
 
@@ -39,14 +38,13 @@ class ClientOptions:
     keepalive_timeout_s: float = 10.0
     # Largest message the client sends or receives, in bytes.
     max_message_bytes: int = 16 * _MIB
-    # Deadline of unary calls (infer, list_models, get_model) in seconds;
-    # None for no deadline. Streams have no deadline unless open_stream sets one.
+    # Deadline of unary calls (infer, list_models, get_model) in seconds,
+    # retries and the waits between them included; None for no deadline.
+    # Streams have no deadline unless open_stream sets one. Retries follow the
+    # client's RetryPolicy.
     unary_timeout_s: float | None = 30.0
-    # Attempts per unary call, counting the first. Failed attempts with a
-    # retryable status are retried by gRPC with exponential backoff; 1 turns
-    # retries off. Streams are never retried.
-    unary_max_attempts: int = 3
-    # Metadata sent with every call, for example an authorization header.
+    # Metadata sent with every call, for example a tracing header. The client's
+    # api_key argument adds x-api-key.
     metadata: tuple[tuple[str, str], ...] = ()
     # More channel arguments, appended after the ones above so they win.
     channel_arguments: tuple[tuple[str, Any], ...] = ()
@@ -60,25 +58,6 @@ class ClientOptions:
             raise ValueError(f"max_message_bytes = {self.max_message_bytes!r} is invalid: expected bytes >= 1024")
         if self.unary_timeout_s is not None and self.unary_timeout_s <= 0:
             raise ValueError(f"unary_timeout_s = {self.unary_timeout_s!r} is invalid: expected seconds > 0 or None")
-        # gRPC caps attempts at 5 and ignores larger values silently.
-        if not 1 <= self.unary_max_attempts <= 5:
-            raise ValueError(f"unary_max_attempts = {self.unary_max_attempts!r} is invalid: expected 1 to 5")
-
-
-def service_config_json(options: ClientOptions) -> str:
-    """Build the gRPC service config that retries unary calls on retryable codes."""
-    method_config: dict[str, Any] = {
-        "name": [{"service": _SERVICE, "method": method} for method in _UNARY_METHODS],
-    }
-    if options.unary_max_attempts > 1:
-        method_config["retryPolicy"] = {
-            "maxAttempts": options.unary_max_attempts,
-            "initialBackoff": "0.1s",
-            "maxBackoff": "2s",
-            "backoffMultiplier": 2,
-            "retryableStatusCodes": sorted(code.name for code in RETRYABLE_CODES),
-        }
-    return json.dumps({"methodConfig": [method_config]})
 
 
 def channel_arguments(options: ClientOptions) -> Sequence[tuple[str, Any]]:
@@ -89,12 +68,45 @@ def channel_arguments(options: ClientOptions) -> Sequence[tuple[str, Any]]:
         ("grpc.keepalive_permit_without_calls", 0),
         ("grpc.max_send_message_length", options.max_message_bytes),
         ("grpc.max_receive_message_length", options.max_message_bytes),
-        ("grpc.enable_retries", 1 if options.unary_max_attempts > 1 else 0),
-        ("grpc.service_config", service_config_json(options)),
         ("grpc.primary_user_agent", f"streaminfer-client/{__version__}"),
     ]
     arguments.extend(options.channel_arguments)
     return arguments
+
+
+def tls_credentials(
+    ca_file: str | pathlib.Path | None = None,
+    cert_file: str | pathlib.Path | None = None,
+    key_file: str | pathlib.Path | None = None,
+) -> grpc.ChannelCredentials:
+    """Build TLS channel credentials from PEM files.
+
+    ``ca_file`` contains the certificates that may sign the server's
+    certificate; None trusts gRPC's default roots. ``cert_file`` and ``key_file`` are the
+    client certificate chain and its private key, for a server that requires
+    client certificates; give both or neither. Raises ValueError for a file
+    that is missing, unreadable or not PEM.
+    """
+    if (cert_file is None) != (key_file is None):
+        present = "cert_file" if cert_file is not None else "key_file"
+        raise ValueError(f"a client certificate needs both cert_file and key_file, but only {present} was given")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read_pem(ca_file, "ca_file"),
+        private_key=_read_pem(key_file, "key_file"),
+        certificate_chain=_read_pem(cert_file, "cert_file"),
+    )
+
+
+def _read_pem(path: str | pathlib.Path | None, name: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        data = pathlib.Path(path).read_bytes()
+    except OSError as error:
+        raise ValueError(f"{name} {str(path)!r} could not be read: {error.strerror or error}") from error
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{name} {str(path)!r} is not a PEM file: expected a -----BEGIN ...----- block")
+    return data
 
 
 def create_channel(

@@ -11,7 +11,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from streaminfer.client._config import Modality
-from streaminfer.client._events import ChunkFailed, ChunksAcked, Result, StreamEvent
+from streaminfer.client._events import ChunkFailed, ChunksAcked, Result, StreamEvent, StreamRolledOver, end_reason
 from streaminfer.client._tracker import StreamStats, percentile
 from streaminfer.v1 import streaminfer_pb2 as pb
 
@@ -43,7 +43,15 @@ def event_json(event: StreamEvent) -> str:
         latencies = {str(number): _milliseconds(latency) for number, latency in event.latencies_s}
         return json_line("ack", "ack", event.proto, latencyMs=latencies)
     if isinstance(event, ChunkFailed):
-        return json_line("chunkError", "error", event.proto, latencyMs=_milliseconds(event.latency_s))
+        return json_line(
+            "chunkError", "error", event.proto, latencyMs=_milliseconds(event.latency_s), fromClient=event.from_client
+        )
+    if isinstance(event, StreamRolledOver):
+        resent = [{"modality": modality.label, "sequenceNumber": number} for modality, number in event.resent]
+        return json_line(
+            "rolledOver", "previousEnd", event.previous_end,
+            previousStreamId=event.previous_stream_id, streamId=event.stream_id, resent=resent,
+        )
     return json_line("streamEnd", "streamEnd", event.proto)
 
 
@@ -106,9 +114,14 @@ def format_result(result: Result, prefix: str | None = None) -> str:
 
 
 def format_event(event: StreamEvent) -> str | None:
-    """Render a result or chunk error as one line; None for acks and the stream end."""
+    """Render a result, chunk error or roll-over as one line; None for acks and the stream end."""
     if isinstance(event, Result):
         return format_result(event)
+    if isinstance(event, StreamRolledOver):
+        return (
+            f"[stream] stream {event.previous_stream_id} ended ({event.reason}); "
+            f"continuing as stream {event.stream_id}, {len(event.resent)} chunk(s) resent"
+        )
     if isinstance(event, ChunkFailed):
         if event.modality is Modality.VIDEO:
             where = f"[video frame {event.sequence_number}]"
@@ -142,6 +155,9 @@ def summary_lines(stream_id: str, stats: StreamStats, stream_end: pb.StreamEnd |
 
     results = ", ".join(f"{model} {count}" for model, count in sorted(stats.results_by_model.items()))
     lines.append(f"  results: {results or 'none'}")
+    if stats.rollovers:
+        resent = sum(counts.resent for counts in stats.modalities.values())
+        lines.append(f"  rolled over to a new stream {stats.rollovers} time(s), {resent} chunk(s) resent")
     if stats.unexpected_answers:
         lines.append(f"  answers for chunks not outstanding: {stats.unexpected_answers}")
 
@@ -150,11 +166,14 @@ def summary_lines(stream_id: str, stats: StreamStats, stream_end: pb.StreamEnd |
         lines.append(f"  server counted differently: {'; '.join(mismatches)}")
     if stream_end is None:
         lines.append("  the stream ended without StreamEnd")
+    elif stream_end.reason not in (pb.STREAM_END_REASON_UNSPECIFIED, pb.STREAM_END_REASON_INPUT_ENDED):
+        lines.append(f"  the server ended the stream: {end_reason(stream_end)}")
     return lines
 
 
 def _server_count_mismatches(stats: StreamStats, stream_end: pb.StreamEnd | None) -> list[str]:
-    if stream_end is None:
+    # After a roll-over, the last StreamEnd counts only the last stream.
+    if stream_end is None or stats.rollovers:
         return []
     mismatches = []
     for totals in stream_end.totals:
@@ -183,6 +202,7 @@ def summary_json(stream_id: str, stats: StreamStats) -> str:
             "acked": counts.acked,
             "failed": counts.failed,
             "unanswered": counts.unanswered,
+            "resent": counts.resent,
             "failuresByReason": dict(sorted(counts.failures_by_reason.items())),
             "latencyP50Ms": milliseconds_at(counts.latencies_s, 0.5),
             "latencyP99Ms": milliseconds_at(counts.latencies_s, 0.99),
@@ -196,5 +216,6 @@ def summary_json(stream_id: str, stats: StreamStats) -> str:
         "latencyP50Ms": milliseconds_at(everything, 0.5),
         "latencyP99Ms": milliseconds_at(everything, 0.99),
         "unexpectedAnswers": stats.unexpected_answers,
+        "rollovers": stats.rollovers,
     }
     return json.dumps(data, separators=(",", ":"), allow_nan=False)

@@ -19,6 +19,7 @@ from streaminfer.client._client import AsyncClient
 from streaminfer.client._config import AudioFormat, Modality, VideoFormat
 from streaminfer.client._events import Result, StreamEvent
 from streaminfer.client._options import DEFAULT_TARGET, ClientOptions
+from streaminfer.client._retry import RetryPolicy
 from streaminfer.client._session import StreamSession, StreamState
 from streaminfer.client._tracker import StreamStats
 from streaminfer.v1 import streaminfer_pb2 as pb
@@ -79,6 +80,10 @@ class SyncStream:
     @property
     def stream_id(self) -> str:
         return self._session.stream_id
+
+    @property
+    def roll_over(self) -> bool:
+        return self._session.roll_over
 
     @property
     def accepted(self) -> pb.SessionAccepted:
@@ -164,9 +169,14 @@ class SyncClient:
         *,
         options: ClientOptions | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
+        retry_policy: RetryPolicy | None = None,
     ) -> None:
+        # Built first, so that invalid arguments start no thread.
+        self._client = AsyncClient(
+            target, options=options, credentials=credentials, api_key=api_key, retry_policy=retry_policy
+        )
         self._loop = _LoopThread()
-        self._client = AsyncClient(target, options=options, credentials=credentials)
 
     @property
     def target(self) -> str:
@@ -175,6 +185,10 @@ class SyncClient:
     @property
     def options(self) -> ClientOptions:
         return self._client.options
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return self._client.retry_policy
 
     def __enter__(self) -> SyncClient:
         return self
@@ -227,9 +241,12 @@ class SyncClient:
         *,
         timeout: float | None = None,
         max_chunks_in_flight: int | None = None,
+        roll_over: bool = False,
     ) -> SyncStream:
         session = self._loop.run(
-            self._client.open_stream(config, timeout=timeout, max_chunks_in_flight=max_chunks_in_flight)
+            self._client.open_stream(
+                config, timeout=timeout, max_chunks_in_flight=max_chunks_in_flight, roll_over=roll_over
+            )
         )
         return SyncStream(session, self._loop)
 

@@ -38,8 +38,12 @@ class ModalityStats:
     failed: int = 0
     failures_by_reason: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     # Seconds from writing each answered chunk to reading its ChunkAck or
-    # ChunkError. NOTE: one float per chunk is kept for the life of the stream.
+    # ChunkError; for a resent chunk, from its first write. NOTE: one float
+    # per chunk is kept for the life of the stream.
     latencies_s: list[float] = dataclasses.field(default_factory=list)
+    # Chunks written again on a new stream after a roll-over; ``sent`` counts
+    # each chunk once.
+    resent: int = 0
 
     @property
     def unanswered(self) -> int:
@@ -55,6 +59,8 @@ class StreamStats:
     # Acks or errors for chunks this client never sent or that were already
     # answered; the API promises exactly one answer per chunk, so this stays 0.
     unexpected_answers: int = 0
+    # Times a session in roll-over mode went on in a new stream.
+    rollovers: int = 0
 
     def modality(self, modality: Modality) -> ModalityStats:
         if modality not in self.modalities:
@@ -128,6 +134,26 @@ class ChunkTracker:
         """Record that the chunk is being written at ``now``."""
         self._outstanding[modality][sequence_number].sent_at = now
         self.stats.modality(modality).sent += 1
+
+    def mark_resent(self, modality: Modality, sequence_number: int) -> None:
+        """Count an unanswered chunk written again on a new stream; its latency still runs from the first write."""
+        if not self.is_written(modality, sequence_number):
+            raise KeyError(f"{modality.label} chunk {sequence_number} is not written and unanswered")
+        self.stats.modality(modality).resent += 1
+
+    def is_written(self, modality: Modality, sequence_number: int) -> bool:
+        """True when the chunk was written and has no answer yet."""
+        chunk = self._outstanding.get(modality, {}).get(sequence_number)
+        return chunk is not None and chunk.sent_at is not None
+
+    def unanswered(self) -> list[tuple[Modality, int]]:
+        """Return the written chunks without an answer, by modality and then sequence number."""
+        return [
+            (modality, number)
+            for modality in sorted(self._outstanding)
+            for number, chunk in self._outstanding[modality].items()
+            if chunk.sent_at is not None
+        ]
 
     def ack(self, modality: Modality, first: int, last: int, now: float) -> list[tuple[int, float]]:
         """Settle the chunks in ``[first, last]``; return (sequence number, latency) pairs.

@@ -8,6 +8,8 @@ import dataclasses
 import functools
 import logging
 import math
+import os
+import re
 import sys
 import wave
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,9 +28,10 @@ from streaminfer.client._media import (
     video_frame_rate,
 )
 from streaminfer.client._media import _open_wav as open_wav
-from streaminfer.client._options import DEFAULT_TARGET, ClientOptions
+from streaminfer.client._options import DEFAULT_TARGET, ClientOptions, tls_credentials
 from streaminfer.client._output import event_json, format_event, format_result, json_line, summary_json, summary_lines
 from streaminfer.client._pacing import paced_async
+from streaminfer.client._retry import RetryPolicy
 from streaminfer.client._session import StreamSession
 from streaminfer.client._version import __version__
 from streaminfer.v1 import streaminfer_pb2 as pb
@@ -49,6 +52,9 @@ EXIT_USAGE = 2
 # The stream ended normally, but the server reported some chunks as failed.
 EXIT_CHUNKS_FAILED = 3
 EXIT_INTERRUPTED = 130
+
+API_KEY_ENVIRONMENT_VARIABLE = "STREAMINFER_API_KEY"
+DEFAULT_RETRIES = RetryPolicy().max_attempts - 1
 
 
 class UsageError(Exception):
@@ -93,6 +99,16 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected an integer >= 0") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected an integer >= 0")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -111,7 +127,35 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print one JSON object per line instead of text")
     common.add_argument(
         "--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        help="logging level of the client library, on stderr (default WARNING)",
+        help="logging level of the client library, on stderr; INFO shows retries and roll-overs (default WARNING)",
+    )
+    common.add_argument(
+        "--api-key", default=os.environ.get(API_KEY_ENVIRONMENT_VARIABLE), metavar="KEY",
+        help=f"API key, sent in the x-api-key metadata of every call (default: the {API_KEY_ENVIRONMENT_VARIABLE} "
+        "environment variable, which keeps the key out of the process list; none when unset)",
+    )
+    common.add_argument(
+        "--tls", action="store_true",
+        help="connect with TLS, trusting gRPC's default root certificates unless --ca-file is given "
+        "(default: plaintext)",
+    )
+    common.add_argument(
+        "--ca-file", metavar="PEM",
+        help="PEM file of the CA certificates that signed the server's certificate; implies --tls",
+    )
+    common.add_argument(
+        "--cert-file", metavar="PEM",
+        help="PEM file of the client certificate chain, for a server that requires client certificates; "
+        "needs --key-file, implies --tls",
+    )
+    common.add_argument(
+        "--key-file", metavar="PEM", help="PEM file of the private key of --cert-file; needs --cert-file, implies --tls"
+    )
+    common.add_argument(
+        "--retries", type=_non_negative_int, default=DEFAULT_RETRIES, metavar="N",
+        help="retries of a call or stream setup that fails with UNAVAILABLE or RESOURCE_EXHAUSTED; the wait "
+        "starts at 0.2 s and doubles up to 10 s, with jitter, unless the server requests another wait; "
+        f"0 turns retries off (default {DEFAULT_RETRIES})",
     )
 
     parser = argparse.ArgumentParser(
@@ -167,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-in-flight", type=_positive_int, default=None, metavar="N",
         help="send at most this many unanswered chunks, below the server's limit (default: the server's limit)",
     )
+    stream.add_argument(
+        "--roll-over", action="store_true",
+        help="when the server ends the stream because it is draining or the stream reached its maximum duration, "
+        "go on in a new stream and resend the unanswered chunks "
+        "(default off: the command fails with the server's status)",
+    )
 
     models = commands.add_parser("models", parents=[common], help="list the models the server serves")
     models.add_argument("name", nargs="?", help="show one model's metadata instead of the list")
@@ -180,9 +230,47 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--image", metavar="FILE", help="JPEG or PNG image; the encoding follows the file extension")
     infer.add_argument(
         "--timeout", type=_positive_float, default=30.0, metavar="SECONDS",
-        help="deadline of the call in seconds (default 30)",
+        help="deadline of the call in seconds, retries included (default 30)",
     )
     return parser
+
+
+# Connecting
+
+
+_OPTION_OF_ARGUMENT = {
+    "ca_file": "--ca-file",
+    "cert_file": "--cert-file",
+    "key_file": "--key-file",
+    "api_key": f"--api-key (or {API_KEY_ENVIRONMENT_VARIABLE})",
+}
+
+
+def create_client(args: argparse.Namespace, options: ClientOptions | None = None) -> AsyncClient:
+    """Build the client from the connection options; raises UsageError for bad TLS files or key."""
+    if bool(args.cert_file) != bool(args.key_file):
+        raise UsageError("--cert-file and --key-file go together: give both for a client certificate, or neither")
+    credentials = None
+    if args.tls or args.ca_file or args.cert_file:
+        try:
+            credentials = tls_credentials(args.ca_file, args.cert_file, args.key_file)
+        except ValueError as error:
+            raise UsageError(_name_option(str(error))) from error
+    try:
+        return AsyncClient(
+            args.target,
+            options=options,
+            credentials=credentials,
+            api_key=args.api_key or None,
+            retry_policy=RetryPolicy(max_attempts=args.retries + 1),
+        )
+    except ValueError as error:
+        raise UsageError(_name_option(str(error))) from error
+
+
+def _name_option(message: str) -> str:
+    """Replace the argument name that starts a ``tls_credentials`` or ``AsyncClient`` message with its option."""
+    return re.sub(r"^(ca_file|cert_file|key_file|api_key)\b", lambda match: _OPTION_OF_ARGUMENT[match[1]], message)
 
 
 # The stream command
@@ -300,8 +388,10 @@ async def _print_events(session: StreamSession, as_json: bool, out: TextIO) -> N
 
 async def run_stream(args: argparse.Namespace, out: TextIO) -> int:
     plan = plan_stream(args)
-    async with AsyncClient(args.target) as client:
-        session = await client.open_stream(plan.config, max_chunks_in_flight=args.max_in_flight)
+    async with create_client(args) as client:
+        session = await client.open_stream(
+            plan.config, max_chunks_in_flight=args.max_in_flight, roll_over=args.roll_over
+        )
         async with session:
             if args.json:
                 print(json_line("sessionAccepted", "sessionAccepted", session.accepted), file=out, flush=True)
@@ -351,7 +441,7 @@ def _model_line(model: pb.ModelInfo) -> str:
 
 
 async def run_models(args: argparse.Namespace, out: TextIO) -> int:
-    async with AsyncClient(args.target) as client:
+    async with create_client(args) as client:
         models = [await client.get_model(args.name)] if args.name else await client.list_models()
     for model in models:
         print(json_line("model", "model", model) if args.json else _model_line(model), file=out)
@@ -372,7 +462,7 @@ async def run_infer(args: argparse.Namespace, out: TextIO) -> int:
         encoding = "png" if args.image.lower().endswith(".png") else "jpeg"
         inputs["video_format"] = VideoFormat(encoding)
 
-    async with AsyncClient(args.target, options=ClientOptions(unary_timeout_s=args.timeout)) as client:
+    async with create_client(args, ClientOptions(unary_timeout_s=args.timeout)) as client:
         results = await client.infer(args.model, **inputs)  # type: ignore[arg-type]
     for result in results:
         print(json_line("result", "result", result) if args.json else _format_infer_result(Result(result)), file=out)

@@ -1,9 +1,9 @@
 """How far behind the server is, and the timers that end streams and flag hung models.
 
-LoadMonitor runs on the event loop. Every tick it measures the loop's lag (how
-late a timer fires: the wait every message sees before the loop handles it).
-It projects the queue wait a new stream would see as the largest of the loop
-lag, the decode backlog and each model's queued batches times its batch time;
+LoadMonitor runs on the event loop. Every tick it measures the loop's lag: how
+late a timer fires, which is how long any message waits before the loop
+handles it. It projects the queue wait of a new stream as the largest of the
+loop lag, the decode backlog and each model's queued batches times its batch time;
 admission control compares that projection with its budget.
 
 Every ``CHECK_INTERVAL_S`` it also ends streams that passed a time limit

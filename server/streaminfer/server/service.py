@@ -1,7 +1,7 @@
 """The gRPC servicer of streaminfer.v1.InferenceService.
 
-Admission happens before a stream's first message is read, so a rejected
-stream costs the server almost nothing:
+Admission happens right after a stream's first message (its config) is read
+and before anything else, so a rejected stream costs the server almost nothing:
 
 ============================  ==================  =================================
 situation                     status              grpc-retry-pushback-ms
@@ -128,6 +128,9 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
     ) -> AsyncIterator[pb.StreamResponse]:
         # Written as an async generator: OpenTelemetry's grpc instrumentation
         # wraps streaming handlers that way, and context.write() breaks it.
+        first = await anext(aiter(request_iterator), None)
+        # Admission comes after the config is read: a client whose write is
+        # still under way when the status arrives would see INTERNAL instead.
         try:
             client_key = self._admit(context)
         except Rejection as rejection:
@@ -135,7 +138,6 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             if rejection.pushback_ms is not None:
                 context.set_trailing_metadata((("grpc-retry-pushback-ms", str(rejection.pushback_ms)),))
             await context.abort(rejection.code, rejection.message)
-        first = await anext(aiter(request_iterator), None)
         if first is None:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,

@@ -207,6 +207,8 @@ class Session:
         self._reader: asyncio.Task[None] | None = None
         # Set once the call is being aborted from outside its handler.
         self.aborting = False
+        # Chunks read while the window was full: the client sent beyond its credit.
+        self.window_overruns = 0
         # Called for each chunk read; returns False when the client's key is
         # over its chunk rate.
         self.admit_chunk: Callable[[], bool] | None = None
@@ -386,6 +388,16 @@ class Session:
             return
 
         # 2. Wait for room in the window. While waiting, this stream is not read.
+        if self._in_flight >= self._limits.max_chunks_in_flight:
+            # A client that keeps to its credit never sends this chunk yet.
+            self.window_overruns += 1
+            if self.window_overruns == 1:
+                logger.warning(
+                    "stream %s: the client sent beyond its window of %d chunks in flight; "
+                    "the server stops reading the stream until answers are written",
+                    self.stream_id,
+                    self._limits.max_chunks_in_flight,
+                )
         try:
             while self._in_flight >= self._limits.max_chunks_in_flight:
                 self._window_open.clear()

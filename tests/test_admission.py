@@ -1,0 +1,95 @@
+"""Admission control and per-client rate limits on a real server."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from conftest import MEDIA, ServerThread, loopback_config
+from streamutil import audio_requests, read_wav, run_stream, vad_config
+from streaminfer.server.config import AdmissionConfig, AuthConfig, RateLimitConfig, load_config
+from streaminfer.v1 import streaminfer_pb2 as pb
+from streaminfer.v1 import streaminfer_pb2_grpc as pb_grpc
+
+
+@pytest.fixture(scope="module")
+def limited() -> Iterator[ServerThread]:
+    base = load_config(None)
+    config = dataclasses.replace(
+        loopback_config(base),
+        models=tuple(model for model in base.models if model.name == "silero_vad"),
+        admission=AdmissionConfig(max_streams=100, max_queue_wait_ms=250, retry_pushback_ms=700),
+        rate_limits=RateLimitConfig(streams_per_second=0.5, stream_burst=2, chunks_per_second=20, chunk_burst=10),
+        # Rate limits key on accepted API keys; each test uses its own.
+        auth=AuthConfig(api_keys=("stream-rate-test", "another-client", "chunk-rate-test", "overload-test")),
+    )
+    thread = ServerThread(config).start()
+    yield thread
+    thread.stop()
+
+
+def speech_requests(count: int) -> list[pb.StreamRequest]:
+    samples, rate = read_wav(MEDIA / "audio" / "speech_sample.wav")
+    return audio_requests(samples, rate)[:count]
+
+
+def rejection(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...]) -> grpc.RpcError:
+    stub = pb_grpc.InferenceServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.Stream(iter([pb.StreamRequest(config=vad_config())]), metadata=metadata, timeout=30))
+    return caught.value
+
+
+def pushback_ms(error: grpc.RpcError) -> int:
+    values = [int(value) for key, value in error.trailing_metadata() or () if key == "grpc-retry-pushback-ms"]
+    assert len(values) == 1
+    return values[0]
+
+
+def test_stream_rate_limit_per_key(limited: ServerThread) -> None:
+    key = (("x-api-key", "stream-rate-test"),)
+    with grpc.insecure_channel(limited.target) as channel:
+        # A burst of 2; the third stream within a second is over the limit.
+        for _ in range(2):
+            outcome = run_stream(channel, vad_config(), [], metadata=key)
+            assert outcome.end is not None
+        error = rejection(channel, key)
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "rate_limits.streams_per_second" in error.details()
+        # One token per 2 s at 0.5 streams/s: the pushback is up to 2000 ms.
+        assert 0 < pushback_ms(error) <= 2000
+        # Another key has its own bucket.
+        outcome = run_stream(channel, vad_config(), [], metadata=(("x-api-key", "another-client"),))
+        assert outcome.end is not None
+
+
+def test_chunks_over_rate_are_reported(limited: ServerThread) -> None:
+    requests = speech_requests(60)
+    with grpc.insecure_channel(limited.target) as channel:
+        outcome = run_stream(channel, vad_config(), requests, metadata=(("x-api-key", "chunk-rate-test"),))
+    limited_chunks = [
+        error.sequence_number for error in outcome.errors if error.reason == pb.CHUNK_ERROR_REASON_RATE_LIMITED
+    ]
+    # A burst of 10 chunks, then about 20 per second: most of a burst of 60 is over.
+    assert len(limited_chunks) >= 30
+    assert 0 not in limited_chunks
+    assert outcome.answered(pb.MODALITY_AUDIO) == list(range(60))
+    for error in outcome.errors:
+        assert "chunks-per-second limit" in error.message
+
+
+def test_projected_wait_rejects_new_stream(limited: ServerThread) -> None:
+    service = limited.server.service
+    service.projected_wait_s = lambda: 0.4
+    try:
+        with grpc.insecure_channel(limited.target) as channel:
+            error = rejection(channel, (("x-api-key", "overload-test"),))
+    finally:
+        service.projected_wait_s = limited.server.monitor.projected_wait_s
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "about 400 ms" in error.details()
+    assert "admission.max_queue_wait_ms of 250 ms" in error.details()
+    assert pushback_ms(error) == 700

@@ -1,0 +1,66 @@
+"""The load monitor: hung model detection and the projected queue wait."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import types
+
+from test_batcher import Owner, RecordingModel
+
+from streaminfer.server.batcher import ModelRunner, WorkItem
+from streaminfer.server.config import BatchingConfig, LimitsConfig, ModelConfig, ServerConfig
+from streaminfer.server.decode import DecodeStage
+from streaminfer.server.load import LoadMonitor
+from streaminfer.server.models.base import ModelInput, StreamOptions
+
+
+def test_hung_batch_marks_model_unhealthy() -> None:
+    async def scenario() -> list[bool]:
+        loop = asyncio.get_running_loop()
+        model = RecordingModel(stateful=False, delay_s=1.2)
+        model_config = ModelConfig(name="slow", kind="noop", batching=BatchingConfig(max_batch_size=1, max_queue_delay_ms=0))
+        runner = ModelRunner(model, model_config, "cpu", lambda items: None, loop)
+        runner.start()
+        config = ServerConfig(models=(model_config,), limits=LimitsConfig(model_hang_timeout_s=0.3))
+        executor = types.SimpleNamespace(config=config, runners={"slow": runner}, decode=DecodeStage(1))
+        service = types.SimpleNamespace(active_sessions={})
+        changes: list[bool] = []
+
+        async def record(healthy: bool) -> None:
+            changes.append(healthy)
+
+        monitor = LoadMonitor(executor, service, record)  # type: ignore[arg-type]
+        monitor.start()
+        owner = Owner(StreamOptions(stream_id="a", interim_results=False))
+        runner.submit([WorkItem(owner, None, ModelInput("x", 0, 0, 0), 0, None, None)])
+        deadline = time.monotonic() + 10
+        while len(changes) < 2 and time.monotonic() < deadline:
+            if changes == [False]:
+                assert monitor.unhealthy_models == {"slow"}
+            await asyncio.sleep(0.05)
+        await monitor.aclose()
+        await asyncio.to_thread(runner.stop)
+        return changes
+
+    changes = asyncio.run(scenario())
+    # Unhealthy while the 1.2 s batch ran past the 0.3 s hang timeout, healthy after.
+    assert changes == [False, True]
+
+
+def test_projected_wait_counts_queued_batches() -> None:
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        model = RecordingModel(stateful=False, delay_s=0.0)
+        model_config = ModelConfig(name="m", kind="noop", batching=BatchingConfig(max_batch_size=4))
+        runner = ModelRunner(model, model_config, "cpu", lambda items: None, loop)
+        # Not started: the queue only fills. 10 items make 3 batches of at most 4.
+        runner.batch_seconds = 0.05
+        owner = Owner(StreamOptions(stream_id="a", interim_results=False))
+        runner.submit([WorkItem(owner, None, ModelInput(i, 0, 0, 0), i, None, None) for i in range(10)])
+        config = ServerConfig(models=(model_config,))
+        executor = types.SimpleNamespace(config=config, runners={"m": runner}, decode=DecodeStage(1))
+        monitor = LoadMonitor(executor, types.SimpleNamespace(active_sessions={}))  # type: ignore[arg-type]
+        return monitor.projected_wait_s()
+
+    assert abs(asyncio.run(scenario()) - 0.15) < 1e-9
