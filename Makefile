@@ -6,12 +6,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test protos lint-proto bench clean
+.PHONY: help install demo test protos lint-proto bench bench-vad bench-goodput clean
 
 help:
 	@echo "make demo        install, start the server, stream the sample media, print results"
 	@echo "make test        install the dev dependencies and run the whole test suite"
-	@echo "make bench       run the benchmarks and write BENCHMARKS.md"
+	@echo "make bench       run the benchmarks and write BENCHMARKS.md (about 12 minutes)"
+	@echo "make bench-vad   real-time VAD streams, served against raw model throughput"
+	@echo "make bench-goodput  goodput against offered load, admission control on and off"
 	@echo "make protos      regenerate the Python code under client_sdk/streaminfer/v1"
 	@echo "make lint-proto  run buf lint on protos/"
 
@@ -39,8 +41,13 @@ protos: $(STAMP)
 lint-proto: node_modules/.bin/buf
 	node_modules/.bin/buf lint
 
-bench: $(STAMP)
+bench: bench-vad bench-goodput
+
+bench-vad: $(STAMP)
 	$(BIN)/python benchmarks/vad_streams.py
+
+bench-goodput: $(STAMP)
+	$(BIN)/python benchmarks/goodput.py
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache

@@ -59,6 +59,8 @@ class ItemOwner(Protocol):
 # Ordering horizon for items without a deadline: they run after items whose
 # deadlines fall earlier, and before items that arrive this much later.
 NO_DEADLINE_ORDER_S = 60.0
+# Stale entries the reaper's deadline heap may hold before it is rebuilt.
+_DEADLINE_HEAP_SLACK = 1024
 PRIORITY_INTERACTIVE = 0
 PRIORITY_BULK = 1
 
@@ -395,6 +397,11 @@ class ModelRunner:
                 self._queue.append(item)
                 if finite:
                     heapq.heappush(self._deadlines, (item.deadline, next(self._counter), item))
+            if len(self._deadlines) > 2 * len(self._queue) + _DEADLINE_HEAP_SLACK:
+                # Entries of items that already ran leave the heap only when
+                # they reach its top; drop them now so they free their inputs.
+                self._deadlines = [entry for entry in self._deadlines if entry[2].queued]
+                heapq.heapify(self._deadlines)
             # Wake a worker only when it has something new to decide: the
             # first item starts a delay window, a full batch ends it.
             if was_empty or (was_below and len(self._queue) >= self._max_batch):

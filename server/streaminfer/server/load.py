@@ -116,8 +116,15 @@ class LoadMonitor:
                         f"the client did not read a response for {limits.write_timeout_s:g} s "
                         "(server limits.write_timeout_s), so the server ended the stream and freed its work; "
                         "read responses as they arrive",
+                        limits.write_timeout_s,
                     )
                 )
+                # The status waits behind the unread messages, and so does the
+                # handler's write. Cancelling the handler after the abort has
+                # started frees the stream now; the client gets the status once
+                # it reads again.
+                if session.handler_task is not None:
+                    asyncio.get_running_loop().call_soon(session.handler_task.cancel)
             elif limits.max_stream_duration_s and now - session.started_at > limits.max_stream_duration_s:
                 if session.end_by_server(pb.STREAM_END_REASON_MAX_DURATION):
                     self.streams_ended["max_duration"] += 1
@@ -147,10 +154,14 @@ class LoadMonitor:
             await self._on_health_change(not hung)
 
 
-async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
-    """End a call from outside its handler. The handler's pending write fails and its cleanup runs."""
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str, timeout_s: float) -> None:
+    """Send a status to a call from outside its handler, waiting at most ``timeout_s`` for it to go out."""
     try:
-        await context.abort(code, details)
-    except Exception:
-        # abort() raises AbortError in the calling task by design.
+        await asyncio.wait_for(context.abort(code, details), timeout_s)
+    except (grpc.aio.AbortError, TimeoutError):
+        # abort() raises AbortError in the calling task by design. A client
+        # that still reads nothing keeps the status from going out.
         pass
+    except Exception as error:
+        # The call ended first, for example because the client went away.
+        logger.info("the %s status could not be sent: %s", code.name, error)

@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from streaminfer.server.batcher import ItemDropped, ModelRunner, QueueFull, WorkItem
 from streaminfer.server.errors import StreaminferError
@@ -128,7 +129,13 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
     ) -> AsyncIterator[pb.StreamResponse]:
         # Written as an async generator: OpenTelemetry's grpc instrumentation
         # wraps streaming handlers that way, and context.write() breaks it.
-        first = await anext(aiter(request_iterator), None)
+        try:
+            first = await anext(aiter(request_iterator), None)
+        except DecodeError as error:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the first StreamRequest could not be parsed ({error}); send StreamConfig built from the streaminfer.v1 proto",
+            )
         # Admission comes after the config is read: a client whose write is
         # still under way when the status arrives would see INTERNAL instead.
         try:
@@ -157,6 +164,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         if client_key is not None and self._executor.config.rate_limits.chunks_per_second > 0:
             session.admit_chunk = functools.partial(self.rate_limiter.admit_chunk, client_key)
         self.active_sessions[session] = context
+        session.handler_task = asyncio.current_task()
         logger.info(
             "stream %s started: peer %s, models %s, label %r",
             session.stream_id,
@@ -170,7 +178,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             yield session.accepted_message()
             async for response in session.responses():
                 yield response
-            if session.failure is not None:
+            if session.failure is not None and not session.aborting:
                 outcome = session.failure.code.name
                 await context.abort(session.failure.code, str(session.failure))
             if session.end_reason in _END_STATUS:

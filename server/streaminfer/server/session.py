@@ -46,7 +46,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+import grpc
 from google.protobuf import duration_pb2
+from google.protobuf.message import DecodeError
 
 from streaminfer.server.batcher import PRIORITY_BULK, PRIORITY_INTERACTIVE, ItemDropped, ModelRunner, QueueFull, WorkItem
 from streaminfer.server.decode import TextDecoder, decode_audio, decode_image
@@ -207,8 +209,12 @@ class Session:
         self._reader: asyncio.Task[None] | None = None
         # Set once the call is being aborted from outside its handler.
         self.aborting = False
+        # The task running the call's handler, for ending a call whose write is stuck.
+        self.handler_task: asyncio.Task[Any] | None = None
         # Chunks read while the window was full: the client sent beyond its credit.
         self.window_overruns = 0
+        # True while the reader waits for window room, so the stream is not read.
+        self._waiting_for_window = False
         # Called for each chunk read; returns False when the client's key is
         # over its chunk rate.
         self.admit_chunk: Callable[[], bool] | None = None
@@ -264,7 +270,7 @@ class Session:
             modality = runner.model.info.modality
             if selection.modality not in (pb.MODALITY_UNSPECIFIED, modality):
                 raise InvalidArgument(
-                    f"config.models[{index}].modality = {pb.Modality.Name(selection.modality)} does not match model "
+                    f"config.models[{index}].modality = {_enum_name(pb.Modality, selection.modality)} does not match model "
                     f"{selection.model!r}, which reads {pb.Modality.Name(modality)}"
                 )
             if selection.model in seen:
@@ -356,6 +362,14 @@ class Session:
         except StreaminferError as error:
             self.failure = error
             self._wake_writer()
+        except grpc.aio.AbortError:
+            # The server aborted the call from outside the handler; it cleans up.
+            return
+        except DecodeError as error:
+            self.failure = InvalidArgument(
+                f"a StreamRequest could not be parsed ({error}); send messages built from the streaminfer.v1 proto"
+            )
+            self._wake_writer()
         except Exception as error:
             logger.exception("stream %s: reading failed", self.stream_id)
             self.failure = StreaminferError(f"internal error while reading the stream: {type(error).__name__}")
@@ -366,7 +380,44 @@ class Session:
         sequence_number = chunk.sequence_number
         ledger = self._ledgers.get(modality)
 
-        # 1. Checks that need no decoding reply at once.
+        # 1. Wait for room in the window. While waiting, this stream is not
+        # read. Every chunk takes a place until its answer is written, a
+        # rejected one too, so answers waiting to be written stay bounded.
+        if self._in_flight >= self._limits.max_chunks_in_flight:
+            # A client that keeps to its credit never sends this chunk yet.
+            self.window_overruns += 1
+            if self.window_overruns == 1:
+                logger.warning(
+                    "stream %s: the client sent beyond its window of %d chunks in flight; "
+                    "the server stops reading the stream until answers are written",
+                    self.stream_id,
+                    self._limits.max_chunks_in_flight,
+                )
+        self._waiting_for_window = True
+        try:
+            while self._in_flight >= self._limits.max_chunks_in_flight:
+                self._window_open.clear()
+                try:
+                    await asyncio.wait_for(self._window_open.wait(), self._limits.stalled_window_flush_s)
+                except TimeoutError:
+                    self._flush_stalled_window()
+        except asyncio.CancelledError:
+            # The server ended the stream while this chunk waited: it was
+            # read, so it is answered.
+            self._in_flight += 1
+            self._add_error(
+                modality,
+                sequence_number,
+                pb.CHUNK_ERROR_REASON_SHUTDOWN,
+                f"{field} chunk {sequence_number} was not processed: the server ended the stream; "
+                "resend it on a new stream",
+            )
+            raise
+        finally:
+            self._waiting_for_window = False
+        self._in_flight += 1
+
+        # 2. Checks that need no decoding reply at once.
         problem = self._check_chunk(modality, field, chunk, ledger)
         if problem is not None:
             reason, message = problem
@@ -387,39 +438,9 @@ class Session:
             ledger.last_sequence_number = sequence_number
             return
 
-        # 2. Wait for room in the window. While waiting, this stream is not read.
-        if self._in_flight >= self._limits.max_chunks_in_flight:
-            # A client that keeps to its credit never sends this chunk yet.
-            self.window_overruns += 1
-            if self.window_overruns == 1:
-                logger.warning(
-                    "stream %s: the client sent beyond its window of %d chunks in flight; "
-                    "the server stops reading the stream until answers are written",
-                    self.stream_id,
-                    self._limits.max_chunks_in_flight,
-                )
-        try:
-            while self._in_flight >= self._limits.max_chunks_in_flight:
-                self._window_open.clear()
-                try:
-                    await asyncio.wait_for(self._window_open.wait(), self._limits.stalled_window_flush_s)
-                except TimeoutError:
-                    self._flush_stalled_window()
-        except asyncio.CancelledError:
-            # The server ended the stream while this chunk waited: it was
-            # read, so it is answered.
-            self._add_error(
-                modality,
-                sequence_number,
-                pb.CHUNK_ERROR_REASON_SHUTDOWN,
-                f"{field} chunk {sequence_number} was not processed: the server ended the stream; "
-                "resend it on a new stream",
-            )
-            ledger.last_sequence_number = sequence_number
-            raise
+        # 3. Into the ledger: the chunk is answered once its models are done.
         arrived = time.monotonic()
         deadline = arrived + self.budget_s if self.budget_s > 0 else math.inf
-        self._in_flight += 1
         ledger.pending.append(sequence_number)
         ledger.last_sequence_number = sequence_number
         ledger.received += 1
@@ -427,7 +448,7 @@ class Session:
         if modality == pb.MODALITY_VIDEO and self._keep_latest_video:
             ticket = self._admit_frame(sequence_number)
 
-        # 3. Decode, preprocess and queue for the models on this stream's
+        # 4. Decode, preprocess and queue for the models on this stream's
         # decode thread, so the loop goes on reading.
         client_time = chunk.timestamp.ToTimedelta().total_seconds() if chunk.HasField("timestamp") else None
         content = chunk.audio_content if modality == pb.MODALITY_AUDIO else (
@@ -701,7 +722,9 @@ class Session:
                 continue
             self._answered(ledger.modality, sequence_number)
             ledger.acked += 1
-            if ack is None:
+            # A range joins consecutive numbers only: a number between two
+            # acked chunks may belong to a chunk rejected before the ledger.
+            if ack is None or sequence_number != ack.last_sequence_number + 1:
                 ack = self._outbound.acks.add(modality=ledger.modality, first_sequence_number=sequence_number)
             ack.last_sequence_number = sequence_number
 
@@ -723,7 +746,8 @@ class Session:
         self._wake_writer()
 
     def _add_error(self, modality: int, sequence_number: int, reason: int, message: str) -> None:
-        """Report a chunk that never entered the ledger as failed."""
+        """Report a chunk that never entered the ledger as failed. It holds its window place until written."""
+        self._answered_unsent += 1
         ledger = self._ledgers.get(modality)
         if ledger is not None:
             ledger.received += 1
@@ -747,9 +771,11 @@ class Session:
         self._outbound_ready.set()
 
     def is_idle(self, now: float, timeout_s: float) -> bool:
-        """True when the stream is open, has nothing in flight, and read nothing for ``timeout_s``."""
+        """True when the stream is open and read nothing for ``timeout_s`` while the server was reading it."""
         return (
-            self.phase is StreamPhase.STREAMING and self._in_flight == 0 and now - self.last_message_at > timeout_s
+            self.phase is StreamPhase.STREAMING
+            and not self._waiting_for_window
+            and now - self.last_message_at > timeout_s
         )
 
     @property
@@ -830,3 +856,8 @@ def _log_reader_failure(task: asyncio.Task[None]) -> None:
     error = task.exception()
     if error is not None:
         logger.error("stream reader failed", exc_info=error)
+
+
+def _enum_name(enum_type: Any, value: int) -> str:
+    """Return the name of an enum value, or the number when the value is not defined."""
+    return enum_type.Name(value) if value in enum_type.values() else str(value)

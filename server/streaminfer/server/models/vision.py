@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 # groups of at least 2 hits (OpenCV's default).
 # The smallest person found fills a 64 x 128 window with its margins, so about
 # 48 x 96 pixels of person. Upscale frames to find smaller people.
+# The default people detector's window, in pixels.
+HOG_WINDOW_WIDTH = 64
+HOG_WINDOW_HEIGHT = 128
 HOG_WIN_STRIDE = (8, 8)
 HOG_PADDING = (16, 16)
 HOG_SCALE = 1.05
@@ -146,6 +149,12 @@ class HogPeopleDetector(_OpenCvDetector):
         return hog
 
     def _detect(self, detector: Any, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        height, width = image.shape[:2]
+        if height < HOG_WINDOW_HEIGHT or width < HOG_WINDOW_WIDTH:
+            # No person fits in a frame smaller than the detection window, and
+            # OpenCV 4.x's detectMultiScale crashes the process on such frames
+            # (a 64 x 64 frame segfaults).
+            return np.zeros((0, 4), dtype=np.int32), np.zeros(0, dtype=np.float64)
         boxes, weights = detector.detectMultiScale(
             image,
             hitThreshold=HOG_HIT_THRESHOLD,
