@@ -1,0 +1,464 @@
+"""Benchmark: latency and goodput against offered load, with admission control on and off.
+
+For each offered load (a number of real-time VAD streams, opened over
+``--ramp-s`` seconds and each running ``--duration-s`` seconds), the load
+generator records, per stream, whether it was admitted and the latency of
+every chunk from its scheduled send time to its ChunkAck. A stream meets its
+budget when it was admitted, every chunk was acknowledged, and at least 99 %
+of its chunks were acknowledged within ``--budget-ms``. Goodput is the number
+of streams that met their budget.
+
+Three servers run the same sweep, one after the other, on this machine:
+
+- admission on: ``admission.max_streams`` = ``--max-streams`` and load
+  shedding at ``--max-queue-wait-ms`` of projected queue wait;
+- shedding only: no stream cap, load shedding at ``--max-queue-wait-ms``;
+- admission off: no stream cap and no load shedding.
+
+A rejected stream is not retried: on a real deployment it would go to
+another replica. Results go to stdout, bench-results/goodput.json, an SVG
+plot bench-results/goodput.svg, and a section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import pathlib
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+from vad_streams import REPO_ROOT, VAD_RATE, load_speech_16k, machine_description, start_server
+
+RESULTS = REPO_ROOT / "bench-results"
+HEALTH_PROBE_INTERVAL_S = 0.1
+RSS_SAMPLE_INTERVAL_S = 0.5
+SECTION_START = "<!-- goodput:start -->"
+SECTION_END = "<!-- goodput:end -->"
+
+
+MODES = {"on": "admission on", "shed": "shedding only", "off": "admission off"}
+
+
+def server_config(mode: str, max_streams: int, max_queue_wait_ms: float) -> str:
+    """Return the TOML config of the served VAD model for one admission mode."""
+    if mode == "on":
+        admission_table = f"max_streams = {max_streams}\nmax_queue_wait_ms = {max_queue_wait_ms}\n"
+    elif mode == "shed":
+        admission_table = f"max_streams = 100000\nmax_queue_wait_ms = {max_queue_wait_ms}\n"
+    else:
+        admission_table = "max_streams = 100000\nmax_queue_wait_ms = 0\n"
+    return f"""
+[admission]
+{admission_table}retry_pushback_ms = 1000
+
+[[models]]
+name = "silero_vad"
+batching = {{ max_batch_size = 256, max_queue_delay_ms = 4.0 }}
+"""
+
+
+async def offered_load(
+    target: str, streams: int, ramp_s: float, duration_s: float, warmup_s: float, budget_s: float, chunk_ms: int
+) -> dict:
+    """Open ``streams`` real-time VAD streams over ``ramp_s`` seconds and measure each one."""
+    import grpc
+
+    from streaminfer.v1 import streaminfer_pb2 as pb
+    from streaminfer.v1 import streaminfer_pb2_grpc as pb_grpc
+
+    speech = load_speech_16k()
+    chunk_samples = VAD_RATE * chunk_ms // 1000
+    interval = chunk_ms / 1000.0
+    total_chunks = int(duration_s / interval)
+    warmup_chunks = int(warmup_s / interval)
+    loop = asyncio.get_running_loop()
+    outcomes: list[dict] = []
+    all_latencies: list[float] = []
+
+    async def one_stream(index: int, stub: pb_grpc.InferenceServiceStub, open_at: float) -> None:
+        await asyncio.sleep(max(0.0, open_at - loop.time()))
+        outcome = {"admitted": False, "met_budget": False, "rejected_code": None}
+        outcomes.append(outcome)
+        call = stub.Stream()
+        try:
+            await call.write(
+                pb.StreamRequest(
+                    config=pb.StreamConfig(
+                        models=[pb.ModelSelection(model="silero_vad")],
+                        audio_format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_LINEAR16, sample_rate_hertz=VAD_RATE),
+                    )
+                )
+            )
+            first = await call.read()
+        except grpc.aio.AioRpcError as error:
+            outcome["rejected_code"] = error.code().name
+            outcome["rejected_details"] = error.details()
+            return
+        if first is grpc.aio.EOF:
+            outcome["rejected_code"] = (await call.code()).name
+            return
+        outcome["admitted"] = True
+        start = loop.time()
+        scheduled: dict[int, float] = {}
+        latencies: list[float] = []
+        answered = errors = 0
+
+        async def send() -> None:
+            for seq in range(total_chunks):
+                when = start + seq * interval
+                delay = when - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                offset = (seq * chunk_samples + index * 997) % (len(speech) - chunk_samples)
+                scheduled[seq] = when
+                await call.write(
+                    pb.StreamRequest(
+                        audio=pb.AudioChunk(
+                            sequence_number=seq, audio_content=speech[offset : offset + chunk_samples].tobytes()
+                        )
+                    )
+                )
+            await call.done_writing()
+
+        sender = asyncio.create_task(send())
+        try:
+            while (response := await call.read()) is not grpc.aio.EOF:
+                now = loop.time()
+                for ack in response.acks:
+                    for seq in range(ack.first_sequence_number, ack.last_sequence_number + 1):
+                        answered += 1
+                        when = scheduled.pop(seq)
+                        if seq >= warmup_chunks:
+                            latencies.append(now - when)
+                for error in response.errors:
+                    answered += 1
+                    errors += 1
+                    scheduled.pop(error.sequence_number, None)
+            await sender
+        except grpc.aio.AioRpcError as error:
+            sender.cancel()
+            outcome["failed_code"] = error.code().name
+        within = sum(1 for latency in latencies if latency <= budget_s)
+        outcome["chunks"] = total_chunks
+        outcome["answered"] = answered
+        outcome["chunk_errors"] = errors
+        outcome["met_budget"] = (
+            answered == total_chunks and errors == 0 and bool(latencies) and within >= 0.99 * len(latencies)
+        )
+        all_latencies.extend(latencies)
+
+    health_latencies: list[float] = []
+    health_failures = 0
+    done = asyncio.Event()
+
+    async def probe_health() -> None:
+        """Call the health check every HEALTH_PROBE_INTERVAL_S on a connection of its own, as a load balancer would."""
+        nonlocal health_failures
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while not done.is_set():
+                started = loop.time()
+                try:
+                    response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    if response.status != health_pb2.HealthCheckResponse.SERVING:
+                        health_failures += 1
+                except grpc.aio.AioRpcError:
+                    health_failures += 1
+                health_latencies.append(loop.time() - started)
+                await asyncio.sleep(HEALTH_PROBE_INTERVAL_S)
+
+    options = [("grpc.max_receive_message_length", 16 << 20)]
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, streams // 10))]
+    stubs = [pb_grpc.InferenceServiceStub(channel) for channel in channels]
+    begin = loop.time() + 0.5
+    prober = asyncio.create_task(probe_health())
+    await asyncio.gather(
+        *(one_stream(i, stubs[i % len(stubs)], begin + ramp_s * i / streams) for i in range(streams))
+    )
+    done.set()
+    await prober
+    for channel in channels:
+        await channel.close()
+    health = np.array(health_latencies) * 1000.0
+    values = np.array(all_latencies) * 1000.0
+    admitted = sum(1 for outcome in outcomes if outcome["admitted"])
+    rejected: dict[str, int] = {}
+    for outcome in outcomes:
+        if outcome["rejected_code"]:
+            rejected[outcome["rejected_code"]] = rejected.get(outcome["rejected_code"], 0) + 1
+    unexpected = sorted(
+        {outcome["rejected_details"] for outcome in outcomes if outcome.get("rejected_code") not in (None, "UNAVAILABLE")}
+    )
+    return {
+        "unexpected_rejections": unexpected[:5],
+        "offered": streams,
+        "admitted": admitted,
+        "rejected": rejected,
+        "goodput": sum(1 for outcome in outcomes if outcome["met_budget"]),
+        "failed_streams": sum(1 for outcome in outcomes if "failed_code" in outcome),
+        "chunk_errors": sum(outcome.get("chunk_errors", 0) for outcome in outcomes),
+        "p50_ms": float(np.percentile(values, 50)) if len(values) else None,
+        "p99_ms": float(np.percentile(values, 99)) if len(values) else None,
+        "health_checks": len(health),
+        "health_failures": health_failures,
+        "health_p99_ms": float(np.percentile(health, 99)) if len(health) else None,
+        "health_max_ms": float(health.max()) if len(health) else None,
+    }
+
+
+class RssSampler:
+    """Samples a process's resident memory on a thread and keeps the largest value, in MiB."""
+
+    def __init__(self, pid: int) -> None:
+        self._path = pathlib.Path(f"/proc/{pid}/status")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.largest_kib = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return round(self.largest_kib / 1024, 1)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for line in self._path.read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        self.largest_kib = max(self.largest_kib, int(line.split()[1]))
+            except FileNotFoundError:
+                return
+            self._stop.wait(RSS_SAMPLE_INTERVAL_S)
+
+
+def run_sweep(label: str, config_text: str, levels: list[int], args: argparse.Namespace) -> list[dict]:
+    import uvloop
+
+    with tempfile.TemporaryDirectory() as folder:
+        config_path = pathlib.Path(folder) / "server.toml"
+        config_path.write_text(config_text)
+        server = start_server(["--config", str(config_path)])
+        rows = []
+        try:
+            for streams in levels:
+                print(f"[{label}] offering {streams} streams ...", flush=True)
+                started = time.monotonic()
+                cpu_before = server.cpu_seconds()
+                sampler = RssSampler(server.process.pid)
+                sampler.start()
+                row = uvloop.run(
+                    offered_load(
+                        f"127.0.0.1:{server.port}",
+                        streams,
+                        args.ramp_s,
+                        args.duration_s,
+                        args.warmup_s,
+                        args.budget_ms / 1000.0,
+                        args.chunk_ms,
+                    )
+                )
+                row["server_rss_mib"] = sampler.stop()
+                row["wall_seconds"] = round(time.monotonic() - started, 1)
+                row["server_cpu_percent"] = round(100 * (server.cpu_seconds() - cpu_before) / row["wall_seconds"])
+                rows.append(row)
+                p99 = "-" if row["p99_ms"] is None else f"{row['p99_ms']:.0f} ms"
+                health = "-" if row["health_max_ms"] is None else f"{row['health_max_ms']:.0f} ms"
+                print(
+                    f"[{label}] {streams} offered: {row['admitted']} admitted, goodput {row['goodput']}, "
+                    f"p99 {p99}, rejected {row['rejected']}, slowest health check {health}, "
+                    f"server RSS {row['server_rss_mib']} MiB",
+                    flush=True,
+                )
+                time.sleep(1.0)
+        finally:
+            server.stop()
+    return rows
+
+
+def plot_svg(report: dict, path: pathlib.Path) -> None:
+    """Draw goodput against offered streams for both sweeps as a small SVG line chart."""
+    width, height, margin = 640, 360, 56
+    colors = {"on": "#1f77b4", "shed": "#2ca02c", "off": "#d62728"}
+    series = {MODES[mode]: (colors[mode], rows) for mode, rows in report["sweeps"].items()}
+    max_x = max(row["offered"] for _, rows in series.values() for row in rows)
+    max_y = max(max((row["goodput"] for _, rows in series.values() for row in rows), default=1), 1)
+
+    def x(value: float) -> float:
+        return margin + (width - 2 * margin) * value / max_x
+
+    def y(value: float) -> float:
+        return height - margin - (height - 2 * margin) * value / max_y
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<line x1="{margin}" y1="{height - margin}" x2="{width - margin}" y2="{height - margin}" stroke="black"/>',
+        f'<line x1="{margin}" y1="{margin}" x2="{margin}" y2="{height - margin}" stroke="black"/>',
+        f'<text x="{width / 2}" y="{height - 16}" text-anchor="middle">offered streams</text>',
+        f'<text x="16" y="{height / 2}" transform="rotate(-90 16 {height / 2})" text-anchor="middle">'
+        "streams that met the latency budget</text>",
+    ]
+    for fraction in (0, 0.25, 0.5, 0.75, 1.0):
+        value_x, value_y = max_x * fraction, max_y * fraction
+        parts.append(f'<text x="{x(value_x)}" y="{height - margin + 16}" text-anchor="middle">{value_x:.0f}</text>')
+        parts.append(f'<text x="{margin - 6}" y="{y(value_y) + 4}" text-anchor="end">{value_y:.0f}</text>')
+    for index, (name, (color, rows)) in enumerate(series.items()):
+        points = " ".join(f"{x(row['offered']):.1f},{y(row['goodput']):.1f}" for row in rows)
+        parts.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="2"/>')
+        for row in rows:
+            parts.append(f'<circle cx="{x(row["offered"]):.1f}" cy="{y(row["goodput"]):.1f}" r="3" fill="{color}"/>')
+        parts.append(f'<text x="{width - margin - 110}" y="{margin + 16 * index}" fill="{color}">{name}</text>')
+    parts.append("</svg>")
+    path.write_text("\n".join(parts) + "\n")
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        SECTION_START,
+        "## Goodput against offered load, admission control on and off",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {report['machine']}  ",
+        f"Date: {report['date']}",
+        "",
+        f"Each stream sends {report['chunk_ms']} ms PCM16 chunks at 16 kHz in real time for {report['duration_s']:g} s; "
+        f"streams open over {report['ramp_s']:g} s. A stream meets its budget when it is admitted, every chunk is "
+        f"acknowledged and 99 % of its chunks are acknowledged within {report['budget_ms']:g} ms of their scheduled "
+        f"send time (the first {report['warmup_s']:g} s are not timed). Admission on: "
+        f"`admission.max_streams = {report['max_streams']}`, `admission.max_queue_wait_ms = {report['max_queue_wait_ms']:g}`. "
+        f"Shedding only: no stream cap, `admission.max_queue_wait_ms = {report['max_queue_wait_ms']:g}`. "
+        "Admission off: neither. A rejected stream is not retried. "
+        "The load generator runs on the same 2 cores as the server, so past capacity it competes for CPU too. "
+        f"A health check goes to the server every {HEALTH_PROBE_INTERVAL_S * 1000:.0f} ms on its own connection; "
+        "server RSS is the largest resident size sampled during the run.",
+        "",
+        "![goodput against offered streams](bench-results/goodput.svg)",
+        "",
+        "| admission | offered | admitted | rejected | goodput | p50 ms | p99 ms | health p99 / max ms | server CPU % | server RSS MiB |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for mode, rows in report["sweeps"].items():
+        label = MODES[mode].removeprefix("admission ")
+        for row in rows:
+            rejected = ", ".join(f"{count} {code}" for code, count in row["rejected"].items()) or "0"
+            p50 = "-" if row["p50_ms"] is None else f"{row['p50_ms']:.0f}"
+            p99 = "-" if row["p99_ms"] is None else f"{row['p99_ms']:.0f}"
+            health = "-" if row["health_p99_ms"] is None else f"{row['health_p99_ms']:.0f} / {row['health_max_ms']:.0f}"
+            if row["health_failures"]:
+                health += f" ({row['health_failures']} failed)"
+            lines.append(
+                f"| {label} | {row['offered']} | {row['admitted']} | {rejected} | {row['goodput']} | {p50} | {p99} | "
+                f"{health} | {row['server_cpu_percent']} | {row['server_rss_mib']} |"
+            )
+    summary = report["summary"]
+    at_top = "; ".join(
+        f"{MODES[mode]} {values['goodput']} ({values['ratio_to_own_peak']:.2f} of its own peak of "
+        f"{values['own_peak']}, {values['ratio']:.2f} of the overall peak)"
+        for mode, values in summary["top"].items()
+    )
+    lines += [
+        "",
+        f"Peak goodput over all runs: {summary['peak_goodput']} streams. At the highest offered load "
+        f"({summary['top_offered']} streams): {at_top}.",
+        SECTION_END,
+    ]
+    return "\n".join(lines)
+
+
+def write_markdown(path: pathlib.Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if SECTION_START in text:
+        before, rest = text.split(SECTION_START, 1)
+        after = rest.split(SECTION_END, 1)[1]
+        text = before + section + after
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--offered",
+        default="50,100,150,200,300,450,600",
+        help="offered loads in concurrent streams, comma-separated (default: 50,100,150,200,300,450,600)",
+    )
+    parser.add_argument("--duration-s", type=float, default=8.0, help="seconds each stream sends audio (default: 8)")
+    parser.add_argument("--ramp-s", type=float, default=2.0, help="seconds over which the streams open (default: 2)")
+    parser.add_argument("--warmup-s", type=float, default=1.0, help="seconds of each stream not timed (default: 1)")
+    parser.add_argument("--chunk-ms", type=int, default=32, help="audio per chunk, milliseconds (default: 32)")
+    parser.add_argument("--budget-ms", type=float, default=150.0, help="per-chunk latency budget, milliseconds (default: 150)")
+    parser.add_argument(
+        "--max-streams", type=int, default=190, help="admission.max_streams of the admission-on server (default: 190)"
+    )
+    parser.add_argument(
+        "--max-queue-wait-ms",
+        type=float,
+        default=100.0,
+        help="admission.max_queue_wait_ms of the admission-on server, milliseconds (default: 100)",
+    )
+    parser.add_argument(
+        "--modes", default="on,shed,off", help="admission modes to sweep: on, shed, off (default: on,shed,off)"
+    )
+    parser.add_argument("--no-markdown", action="store_true", help="do not update BENCHMARKS.md")
+    args = parser.parse_args()
+    levels = [int(value) for value in args.offered.split(",")]
+
+    report = {
+        "command": " ".join(["python", "benchmarks/goodput.py", *sys.argv[1:]]),
+        "machine": machine_description(),
+        "date": datetime.date.today().isoformat(),
+        "duration_s": args.duration_s,
+        "ramp_s": args.ramp_s,
+        "warmup_s": args.warmup_s,
+        "chunk_ms": args.chunk_ms,
+        "budget_ms": args.budget_ms,
+        "max_streams": args.max_streams,
+        "max_queue_wait_ms": args.max_queue_wait_ms,
+    }
+    modes = [mode.strip() for mode in args.modes.split(",")]
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown:
+        parser.error(f"--modes: unknown mode(s) {', '.join(unknown)}; expected on, shed or off")
+    report["sweeps"] = {
+        mode: run_sweep(MODES[mode], server_config(mode, args.max_streams, args.max_queue_wait_ms), levels, args)
+        for mode in modes
+    }
+
+    peak = max(row["goodput"] for rows in report["sweeps"].values() for row in rows)
+    report["summary"] = {
+        "peak_goodput": peak,
+        "top_offered": levels[-1],
+        "top": {
+            mode: {
+                "goodput": rows[-1]["goodput"],
+                "ratio": rows[-1]["goodput"] / peak if peak else 0.0,
+                "own_peak": max(row["goodput"] for row in rows),
+                "ratio_to_own_peak": rows[-1]["goodput"] / max(1, max(row["goodput"] for row in rows)),
+            }
+            for mode, rows in report["sweeps"].items()
+        },
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "goodput.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_svg(report, RESULTS / "goodput.svg")
+    print(json.dumps(report["summary"], indent=2))
+    if not args.no_markdown:
+        write_markdown(REPO_ROOT / "BENCHMARKS.md", markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
