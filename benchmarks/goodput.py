@@ -1,9 +1,9 @@
 """Benchmark: latency and goodput against offered load, with admission control on and off.
 
-For each offered load (a number of real-time VAD streams, opened over
-``--ramp-s`` seconds and each running ``--duration-s`` seconds), the load
-generator records, per stream, whether it was admitted and the latency of
-every chunk from its scheduled send time to its ChunkAck. A stream meets its
+Each offered load is a number of real-time VAD streams, opened over
+``--ramp-s`` seconds, each running ``--duration-s`` seconds. Per stream, the
+load generator records whether it was admitted and the latency of every chunk
+from its scheduled send time to its ChunkAck. A stream meets its
 budget when it was admitted, every chunk was acknowledged, and at least 99 %
 of its chunks were acknowledged within ``--budget-ms``. Goodput is the number
 of streams that met their budget.
@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from vad_streams import REPO_ROOT, VAD_RATE, load_speech_16k, machine_description, start_server
+from vad_streams import REPO_ROOT, VAD_RATE, load_speech_16k, machine_description, send_realtime, start_server
 
 RESULTS = REPO_ROOT / "bench-results"
 HEALTH_PROBE_INTERVAL_S = 0.1
@@ -110,24 +110,9 @@ async def offered_load(
         latencies: list[float] = []
         answered = errors = 0
 
-        async def send() -> None:
-            for seq in range(total_chunks):
-                when = start + seq * interval
-                delay = when - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                offset = (seq * chunk_samples + index * 997) % (len(speech) - chunk_samples)
-                scheduled[seq] = when
-                await call.write(
-                    pb.StreamRequest(
-                        audio=pb.AudioChunk(
-                            sequence_number=seq, audio_content=speech[offset : offset + chunk_samples].tobytes()
-                        )
-                    )
-                )
-            await call.done_writing()
-
-        sender = asyncio.create_task(send())
+        sender = asyncio.create_task(
+            send_realtime(call, pb, speech, index, start, interval, total_chunks, chunk_samples, scheduled)
+        )
         try:
             while (response := await call.read()) is not grpc.aio.EOF:
                 now = loop.time()
@@ -216,7 +201,7 @@ async def offered_load(
 
 
 class RssSampler:
-    """Samples a process's resident memory on a thread and keeps the largest value, in MiB."""
+    """A thread that samples a process's resident memory and keeps the largest value."""
 
     def __init__(self, pid: int) -> None:
         self._path = pathlib.Path(f"/proc/{pid}/status")
@@ -288,7 +273,7 @@ def run_sweep(label: str, config_text: str, levels: list[int], args: argparse.Na
 
 
 def plot_svg(report: dict, path: pathlib.Path) -> None:
-    """Draw goodput against offered streams for both sweeps as a small SVG line chart."""
+    """Draw goodput against offered streams for every sweep as a small SVG line chart."""
     width, height, margin = 640, 360, 56
     colors = {"on": "#1f77b4", "shed": "#2ca02c", "off": "#d62728"}
     series = {MODES[mode]: (colors[mode], rows) for mode, rows in report["sweeps"].items()}
@@ -412,7 +397,9 @@ def main() -> int:
     parser.add_argument(
         "--modes", default="on,shed,off", help="admission modes to sweep: on, shed, off (default: on,shed,off)"
     )
-    parser.add_argument("--no-markdown", action="store_true", help="do not update BENCHMARKS.md")
+    parser.add_argument(
+        "--no-write", action="store_true", help="print the figures only; leave BENCHMARKS.md and bench-results/ alone"
+    )
     args = parser.parse_args()
     levels = [int(value) for value in args.offered.split(",")]
 
@@ -451,12 +438,13 @@ def main() -> int:
             for mode, rows in report["sweeps"].items()
         },
     }
+    print(json.dumps(report["summary"], indent=2))
+    if args.no_write:
+        return 0
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "goodput.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_svg(report, RESULTS / "goodput.svg")
-    print(json.dumps(report["summary"], indent=2))
-    if not args.no_markdown:
-        write_markdown(REPO_ROOT / "BENCHMARKS.md", markdown(report))
+    write_markdown(REPO_ROOT / "BENCHMARKS.md", markdown(report))
     return 0
 
 

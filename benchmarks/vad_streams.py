@@ -153,6 +153,31 @@ async def open_vad_stream(stub, pb):
     return call, accepted.session_accepted
 
 
+async def send_realtime(
+    call, pb, speech: np.ndarray, index: int, first: float, interval: float, total_chunks: int, chunk_samples: int,
+    scheduled: dict[int, float],
+) -> None:
+    """Write ``total_chunks`` chunks of the looped speech, chunk n at ``first + n * interval``, then half-close.
+
+    Each chunk's scheduled time goes into ``scheduled`` just before its write.
+    Streams start at different places in the speech (``index``).
+    """
+    loop = asyncio.get_running_loop()
+    for seq in range(total_chunks):
+        when = first + seq * interval
+        delay = when - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        offset = (seq * chunk_samples + index * 997) % (len(speech) - chunk_samples)
+        scheduled[seq] = when
+        await call.write(
+            pb.StreamRequest(
+                audio=pb.AudioChunk(sequence_number=seq, audio_content=speech[offset : offset + chunk_samples].tobytes())
+            )
+        )
+    await call.done_writing()
+
+
 async def realtime_load(target: str, streams: int, chunk_ms: int, warmup_s: float, measure_s: float) -> dict:
     import grpc
 
@@ -174,24 +199,9 @@ async def realtime_load(target: str, streams: int, chunk_ms: int, warmup_s: floa
         loop = asyncio.get_running_loop()
         first = start_at + (index / streams) * interval
 
-        async def send() -> None:
-            for seq in range(total_chunks):
-                when = first + seq * interval
-                delay = when - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                offset = (seq * chunk_samples + index * 997) % (len(speech) - chunk_samples)
-                scheduled[seq] = when
-                await call.write(
-                    pb.StreamRequest(
-                        audio=pb.AudioChunk(
-                            sequence_number=seq, audio_content=speech[offset : offset + chunk_samples].tobytes()
-                        )
-                    )
-                )
-            await call.done_writing()
-
-        sender = asyncio.create_task(send())
+        sender = asyncio.create_task(
+            send_realtime(call, pb, speech, index, first, interval, total_chunks, chunk_samples, scheduled)
+        )
         answered = 0
         measure_from = start_at + warmup_s
         while (response := await call.read()) is not grpc.aio.EOF:

@@ -128,7 +128,7 @@ class QueueFull(Exception):
 
 
 class _Taken:
-    """What one take from a queue produced."""
+    """The result of one take from a queue: the batch and the items left out."""
 
     __slots__ = ("batch", "dropped", "closed")
 

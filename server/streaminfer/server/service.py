@@ -12,10 +12,10 @@ projected queue wait too long UNAVAILABLE         admission.retry_pushback_ms
 API key over streams/s        RESOURCE_EXHAUSTED  until the key's next token
 ============================  ==================  =================================
 
-UNAVAILABLE says that this server cannot take the stream now and another
+UNAVAILABLE means that this server cannot take the stream now and another
 replica, or this one after the pushback, can: load balancers and retry
-policies retry it. RESOURCE_EXHAUSTED says that the client itself is over its
-quota: another replica would refuse it too, so only waiting helps.
+policies retry it. RESOURCE_EXHAUSTED means that the client itself is over its
+quota: another replica would reject it too, so only waiting helps.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ _END_STATUS = {
 
 
 class Rejection(Exception):
-    """A stream refused at admission."""
+    """A stream rejected at admission."""
 
     def __init__(self, code: grpc.StatusCode, message: str, pushback_ms: int | None) -> None:
         super().__init__(message)
@@ -86,7 +86,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         self.rejected = collections.Counter[str]()
 
     def _admit(self, context: grpc.aio.ServicerContext) -> str | None:
-        """Raise Rejection when a new stream must be refused; return the client's rate-limit key."""
+        """Raise Rejection when a new stream must be rejected; return the client's rate-limit key."""
         admission = self._executor.config.admission
         pushback = admission.retry_pushback_ms
         if self.draining:

@@ -23,8 +23,8 @@ Overflow policy: audio and text are lossless (the window holds the client
 back). Video is keep-latest: when more than ``max_pending_frames`` frames wait
 for their models, the oldest waiting frame is dropped with reason OVERFLOW.
 
-Each chunk gets a deadline when it is read: the stream's chunk latency budget
-later. Work that can no longer meet it is dropped before inference with
+Each chunk gets a deadline when it is read: the read time plus the stream's
+chunk latency budget. Work that can no longer meet it is dropped before inference with
 reason DEADLINE, by the decode thread or by the model's batcher.
 
 The server can end a stream itself (drain, maximum duration, idle): it stops
@@ -363,7 +363,7 @@ class Session:
             self.failure = error
             self._wake_writer()
         except grpc.aio.AbortError:
-            # The server aborted the call from outside the handler; it cleans up.
+            # The server aborted the call from outside the handler, which cleans up.
             return
         except DecodeError as error:
             self.failure = InvalidArgument(
@@ -502,8 +502,8 @@ class Session:
             self._call_on_loop(self._fail_chunks, ledger, [sequence_number], pb.CHUNK_ERROR_REASON_OVERFLOW, ticket.message)
             return
         if time.monotonic() > deadline:
-            # Stateful preprocessing still sees the chunk below, so the
-            # stream's audio timeline stays whole; only inference is skipped.
+            # Stateful preprocessing still receives the chunk below, so the
+            # stream's audio timeline stays whole. Only inference is skipped.
             deadline = -math.inf
         try:
             prepared = self._prepare(ledger, content, sequence_number, client_time)
@@ -746,7 +746,7 @@ class Session:
         self._wake_writer()
 
     def _add_error(self, modality: int, sequence_number: int, reason: int, message: str) -> None:
-        """Report a chunk that never entered the ledger as failed. It holds its window place until written."""
+        """Report a chunk that never entered the ledger as failed. It keeps its window place until written."""
         self._answered_unsent += 1
         ledger = self._ledgers.get(modality)
         if ledger is not None:
