@@ -117,6 +117,8 @@ class Retrier:
             except RpcError as error:
                 wait_s = self.wait_s(error, attempt_number)
                 if wait_s is None:
+                    if attempt_number > 1:
+                        logger.warning("%s failed after %d attempts: %s", name, attempt_number, error)
                     raise
                 remaining = self._remaining_or_none(deadline)
                 if remaining is not None and wait_s >= remaining:
@@ -140,6 +142,9 @@ class Retrier:
         if not error.retryable:
             # The server's pushback metadata requested no retry.
             return None
+        if any(marker in error.details for marker in _TLS_FAILURES):
+            # The server is up, but the TLS handshake failed: trying again fails the same way.
+            return None
         if error.retry_pushback_s is not None:
             return error.retry_pushback_s
         fraction = 1 - _JITTER * self._random_fraction()
@@ -155,6 +160,10 @@ class Retrier:
                 f"{name} was not started: its deadline passed {-remaining:.3f} s ago", grpc.StatusCode.DEADLINE_EXCEEDED
             )
         return remaining
+
+
+# Parts of grpc's UNAVAILABLE details when the TLS handshake, not the server, failed.
+_TLS_FAILURES = ("CERTIFICATE_VERIFY_FAILED", "Ssl handshake failed", "SSL_ERROR_SSL")
 
 
 def _code_name(error: RpcError) -> str:

@@ -15,6 +15,8 @@ import wave
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TextIO, TypeVar
 
+import grpc
+
 from streaminfer.client._client import AsyncClient
 from streaminfer.client._config import Modality, VideoFormat, stream_config
 from streaminfer.client._errors import StreaminferError
@@ -497,6 +499,24 @@ def _first_error(group: BaseExceptionGroup) -> BaseException:
     return _first_error(first) if isinstance(first, BaseExceptionGroup) else first
 
 
+def _hint(error: StreaminferError, args: argparse.Namespace) -> str:
+    """Return the command-line option that likely fixes ``error``, or an empty string."""
+    details = error.details or ""
+    if error.code == grpc.StatusCode.UNAUTHENTICATED:
+        return "pass the key with --api-key or the STREAMINFER_API_KEY environment variable"
+    if error.code == grpc.StatusCode.UNAVAILABLE and any(
+        marker in details for marker in ("CERTIFICATE_VERIFY_FAILED", "Ssl handshake failed")
+    ):
+        return "the server's certificate is not trusted: pass its CA with --ca-file"
+    if error.code == grpc.StatusCode.UNAVAILABLE and "Socket closed" in details and not getattr(args, "tls", False):
+        return "if the server uses TLS, add --tls (and --ca-file for a private CA)"
+    if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and (
+        "continue on a new stream" in details
+    ) and args.command == "stream":
+        return "--roll-over continues the session on a new stream when the server ends one"
+    return ""
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run the command line; return the exit status.
 
@@ -512,6 +532,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             raise _first_error(group) from None
     except StreaminferError as error:
         print(f"streaminfer-client: error: {error}", file=sys.stderr)
+        hint = _hint(error, args)
+        if hint:
+            print(f"streaminfer-client: hint: {hint}", file=sys.stderr)
         return EXIT_RPC_FAILED
     except UsageError as error:
         print(f"streaminfer-client: error: {error}", file=sys.stderr)

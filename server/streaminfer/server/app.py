@@ -104,7 +104,16 @@ class StreaminferServer:
         await self._server.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        logger.info("streaminfer listening on %s:%d", self.config.host, self.port)
+        admission = self.config.admission
+        logger.info(
+            "streaminfer listening on %s:%d (%s, API keys %s, at most %d streams, shedding above %g ms projected wait)",
+            self.config.host,
+            self.port,
+            "TLS" if self.config.tls_cert_file else "plaintext",
+            "required" if self.api_keys else "off",
+            admission.max_streams,
+            admission.max_queue_wait_ms,
+        )
         return self.port
 
     async def _set_healthy(self, healthy: bool) -> None:

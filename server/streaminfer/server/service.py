@@ -63,6 +63,10 @@ _END_STATUS = {
 }
 
 
+# Rejected streams are logged in one line per this many seconds at most.
+REJECTION_LOG_INTERVAL_S = 1.0
+
+
 class Rejection(Exception):
     """A stream rejected at admission."""
 
@@ -84,6 +88,23 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         self.rate_limiter: Any = None
         self.unhealthy_models: set[str] = set()
         self.rejected = collections.Counter[str]()
+        self._rejections_unlogged = 0
+        self._rejection_logged_at = -math.inf
+
+    def _log_rejection(self, rejection: Rejection) -> None:
+        """Log rejections at most once per REJECTION_LOG_INTERVAL_S, with the count since the last line."""
+        self._rejections_unlogged += 1
+        now = time.monotonic()
+        if now - self._rejection_logged_at < REJECTION_LOG_INTERVAL_S:
+            return
+        logger.info(
+            "rejected %d new stream(s) since the last report; the latest with %s: %s",
+            self._rejections_unlogged,
+            rejection.code.name,
+            rejection.message,
+        )
+        self._rejections_unlogged = 0
+        self._rejection_logged_at = now
 
     def _admit(self, context: grpc.aio.ServicerContext) -> str | None:
         """Raise Rejection when a new stream must be rejected; return the client's rate-limit key."""
@@ -142,6 +163,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             client_key = self._admit(context)
         except Rejection as rejection:
             self.rejected[rejection.code.name] += 1
+            self._log_rejection(rejection)
             if rejection.pushback_ms is not None:
                 context.set_trailing_metadata((("grpc-retry-pushback-ms", str(rejection.pushback_ms)),))
             await context.abort(rejection.code, rejection.message)
