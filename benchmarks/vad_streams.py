@@ -28,6 +28,7 @@ import re
 import resource
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import wave
@@ -343,6 +344,21 @@ def machine_description() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {memory_kb / 1024 / 1024:.0f} GiB, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
+def config_without_admission() -> str:
+    """Return the built-in server config with the stream cap and load shedding turned off."""
+    from streaminfer.server.config import default_config_text
+
+    text = default_config_text()
+    for pattern, replacement in (
+        (r"(?m)^max_streams = \d+$", "max_streams = 1000000"),
+        (r"(?m)^max_queue_wait_ms = [\d.]+$", "max_queue_wait_ms = 0"),
+    ):
+        text, count = re.subn(pattern, replacement, text)
+        if count != 1:
+            raise RuntimeError(f"the built-in config has {count} lines matching {pattern!r}, expected 1")
+    return text
+
+
 def run_phase(server_args: list[str], load, echo: bool = False) -> dict:
     """Start a server, run ``load(target)`` against it, stop it, and add its CPU and batch figures."""
     import uvloop
@@ -393,6 +409,13 @@ def main() -> int:
     parser.add_argument("--json", type=pathlib.Path, default=REPO_ROOT / "bench-results" / "vad_streams.json")
     parser.add_argument("--markdown", type=pathlib.Path, default=REPO_ROOT / "BENCHMARKS.md")
     options = parser.parse_args()
+
+    # This benchmark measures the pipeline up to saturation, so admission control is off:
+    # the saturation phase fills the model queue on purpose.
+    config_dir = tempfile.TemporaryDirectory()
+    config_path = pathlib.Path(config_dir.name) / "server.toml"
+    config_path.write_text(config_without_admission())
+    options.server_args = f"--config {config_path} {options.server_args}"
 
     stream_counts = [int(value) for value in options.streams.split(",")]
     worker_counts = [int(value) for value in options.workers.split(",")]
