@@ -64,3 +64,31 @@ def test_projected_wait_counts_queued_batches() -> None:
         return monitor.projected_wait_s()
 
     assert abs(asyncio.run(scenario()) - 0.15) < 1e-9
+
+
+def test_audio_backlog_follows_client_pace(server) -> None:
+    from streamutil import vad_config
+
+    from streaminfer.server.session import Session
+
+    async def scenario() -> list[float | None]:
+        session = Session(server.server.executor, vad_config(sample_rate=16_000))
+        chunk = 512 * 2  # 32 ms of 16 kHz PCM16
+        backlogs = []
+        # Ten chunks read on the client's real-time pace: no backlog.
+        for index in range(10):
+            session._track_audio_pace(chunk, 100.0 + index * 0.032)
+        backlogs.append(session.audio_backlog_s(100.0 + 9 * 0.032))
+        # The next ten read 50 ms apart: each one 18 ms later than the pace.
+        for index in range(10):
+            session._track_audio_pace(chunk, 100.0 + 9 * 0.032 + (index + 1) * 0.050)
+        backlogs.append(session.audio_backlog_s(100.0 + 9 * 0.032 + 10 * 0.050))
+        # Nothing read for over a second: a paused client, not a late server.
+        backlogs.append(session.audio_backlog_s(100.0 + 9 * 0.032 + 10 * 0.050 + 1.5))
+        session.close()
+        return backlogs
+
+    on_pace, behind, paused = asyncio.run(scenario())
+    assert on_pace is not None and abs(on_pace) < 1e-9
+    assert behind is not None and abs(behind - 10 * 0.018) < 1e-6
+    assert paused is None

@@ -3,8 +3,10 @@
 LoadMonitor runs on the event loop. Every tick it measures the loop's lag: how
 late a timer fires, which is how long any message waits before the loop
 handles it. It projects the queue wait of a new stream as the largest of the
-loop lag, the decode backlog and each model's queued batches times its batch time;
-admission control compares that projection with its budget.
+loop lag, the decode backlog, each model's queued batches times its batch time,
+and the median audio backlog: how far the server reads real-time audio streams
+behind the pace their clients send at. Admission control compares that
+projection with its budget.
 
 Every ``CHECK_INTERVAL_S`` it also ends streams that passed a time limit
 (idle, maximum duration), aborts streams whose client stopped reading
@@ -51,6 +53,8 @@ class LoadMonitor:
         self._lags: collections.deque[float] = collections.deque(maxlen=LAG_WINDOW_TICKS)
         self._task: asyncio.Task[None] | None = None
         self.unhealthy_models: set[str] = set()
+        # Median audio backlog of the open streams, seconds; see _measure_audio_backlog.
+        self.audio_backlog_s = 0.0
         self.streams_ended = collections.Counter[str]()
 
     def start(self) -> None:
@@ -74,7 +78,21 @@ class LoadMonitor:
     def projected_wait_s(self) -> float:
         """Seconds a chunk of a new stream would wait in queues before inference starts."""
         model_wait = max((runner.projected_wait_s() for runner in self._executor.runners.values()), default=0.0)
-        return max(self.loop_lag_s(), self.decode_wait_s(), model_wait)
+        return max(self.loop_lag_s(), self.decode_wait_s(), model_wait, self.audio_backlog_s)
+
+    def _measure_audio_backlog(self) -> None:
+        """Take the median over streams of how far their audio is read behind the client's pace.
+
+        This sees what the queues do not: when the process runs out of CPU,
+        chunks wait in sockets and HTTP/2 buffers before the server reads them.
+        """
+        now = time.monotonic()
+        backlogs = sorted(
+            backlog
+            for session in self._service.active_sessions
+            if (backlog := session.audio_backlog_s(now)) is not None
+        )
+        self.audio_backlog_s = backlogs[len(backlogs) // 2] if backlogs else 0.0
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -87,6 +105,7 @@ class LoadMonitor:
             if now >= next_check:
                 next_check = now + CHECK_INTERVAL_S
                 try:
+                    self._measure_audio_backlog()
                     self._check_streams()
                     await self._check_models()
                 except Exception:

@@ -63,6 +63,8 @@ logger = logging.getLogger(__name__)
 
 # Below every int64 sequence number a client can send.
 NO_SEQUENCE_NUMBER = -(1 << 63) - 1
+# A stream whose audio was not read for this long counts as paused, not late.
+AUDIO_PACE_WINDOW_S = 1.0
 MAX_SAMPLE_RATE_HERTZ = 384_000
 MIN_SAMPLE_RATE_HERTZ = 1_000
 MAX_AUDIO_CHANNELS = 32
@@ -215,6 +217,12 @@ class Session:
         self.window_overruns = 0
         # True while the reader waits for window room, so the stream is not read.
         self._waiting_for_window = False
+        # Audio pace: when the first audio chunk was read, the media seconds
+        # read since, the smallest wall-minus-media offset, and the last read.
+        self._audio_started_at: float | None = None
+        self._audio_read_s = 0.0
+        self._audio_min_offset_s = math.inf
+        self._audio_read_at = 0.0
         # Called for each chunk read; returns False when the client's key is
         # over its chunk rate.
         self.admit_chunk: Callable[[], bool] | None = None
@@ -444,6 +452,8 @@ class Session:
         ledger.pending.append(sequence_number)
         ledger.last_sequence_number = sequence_number
         ledger.received += 1
+        if modality == pb.MODALITY_AUDIO:
+            self._track_audio_pace(len(chunk.audio_content), arrived)
         ticket = None
         if modality == pb.MODALITY_VIDEO and self._keep_latest_video:
             ticket = self._admit_frame(sequence_number)
@@ -458,6 +468,28 @@ class Session:
             self._lane,
             functools.partial(self._decode_job, ledger, content, sequence_number, client_time, deadline, ticket),
         )
+
+    def _track_audio_pace(self, size: int, now: float) -> None:
+        """Count the media seconds of audio read, against the wall-clock time since the first audio chunk."""
+        if self._audio_started_at is None:
+            self._audio_started_at = now
+        frame_bytes = (4 if self._config.audio_format.encoding == pb.AUDIO_ENCODING_FLOAT32 else 2) * self._audio_channels
+        self._audio_read_s += size // frame_bytes / self._config.audio_format.sample_rate_hertz
+        self._audio_min_offset_s = min(self._audio_min_offset_s, now - self._audio_started_at - self._audio_read_s)
+        self._audio_read_at = now
+
+    def audio_backlog_s(self, now: float) -> float | None:
+        """Return how far the reading of this stream's audio is behind the pace the client set, in seconds.
+
+        The pace is the earliest the client was ever ahead of real time: a
+        client sending in real time keeps a steady offset between wall-clock
+        time and media time read, and a server that reads it late lets the
+        offset grow. Returns None for a stream with no audio read in the last
+        AUDIO_PACE_WINDOW_S, since a client that pauses would look late.
+        """
+        if self._audio_started_at is None or now - self._audio_read_at > AUDIO_PACE_WINDOW_S:
+            return None
+        return max(0.0, now - self._audio_started_at - self._audio_read_s - self._audio_min_offset_s)
 
     def _admit_frame(self, sequence_number: int) -> FrameTicket:
         """Track a new frame; supersede the oldest waiting frames past max_pending_frames."""
