@@ -2,11 +2,11 @@
 
 LoadMonitor runs on the event loop. Every tick it measures the loop's lag: how
 late a timer fires, which is how long any message waits before the loop
-handles it. It projects the queue wait of a new stream as the largest of the
-loop lag, the decode backlog, each model's queued batches times its batch time,
-and the median audio backlog: how far the server reads real-time audio streams
-behind the pace their clients send at. Admission control compares that
-projection with its budget.
+handles it. The projected queue wait of a new stream is the largest of four
+measures: the loop lag, the decode backlog, each model's queued batches times
+its batch time, and the median audio backlog. The audio backlog is how far the
+server reads real-time audio streams behind the pace their clients send at.
+Admission control compares the projection with its budget.
 
 Every ``CHECK_INTERVAL_S`` it also ends streams that passed a time limit
 (idle, maximum duration), aborts streams whose client stopped reading
@@ -83,7 +83,7 @@ class LoadMonitor:
     def _measure_audio_backlog(self) -> None:
         """Take the median over streams of how far their audio is read behind the client's pace.
 
-        This sees what the queues do not: when the process runs out of CPU,
+        It measures a wait the queues miss: when the process runs out of CPU,
         chunks wait in sockets and HTTP/2 buffers before the server reads them.
         """
         now = time.monotonic()
