@@ -83,12 +83,17 @@ def test_audio_backlog_follows_client_pace(server) -> None:
         for index in range(10):
             session._track_audio_pace(chunk, 100.0 + 9 * 0.032 + (index + 1) * 0.050)
         backlogs.append(session.audio_backlog_s(100.0 + 9 * 0.032 + 10 * 0.050))
+        # Not read because the stream's window is full: the client is behind, not the server.
+        session._waiting_for_window = True
+        backlogs.append(session.audio_backlog_s(100.0 + 9 * 0.032 + 10 * 0.050))
+        session._waiting_for_window = False
         # Nothing read for over a second: a paused client, not a late server.
         backlogs.append(session.audio_backlog_s(100.0 + 9 * 0.032 + 10 * 0.050 + 1.5))
         session.close()
         return backlogs
 
-    on_pace, behind, paused = asyncio.run(scenario())
+    on_pace, behind, window_full, paused = asyncio.run(scenario())
     assert on_pace is not None and abs(on_pace) < 1e-9
     assert behind is not None and abs(behind - 10 * 0.018) < 1e-6
+    assert window_full is None
     assert paused is None

@@ -485,9 +485,12 @@ class Session:
         client sending in real time keeps a steady offset between wall-clock
         time and media time read, and a server that reads it late lets the
         offset grow. Returns None for a stream with no audio read in the last
-        AUDIO_PACE_WINDOW_S, since a client that pauses would look late.
+        AUDIO_PACE_WINDOW_S, since a client that pauses would look late, and
+        for a stream the server does not read because its window is full.
         """
         if self._audio_started_at is None or now - self._audio_read_at > AUDIO_PACE_WINDOW_S:
+            return None
+        if self._waiting_for_window:
             return None
         return max(0.0, now - self._audio_started_at - self._audio_read_s - self._audio_min_offset_s)
 
