@@ -12,7 +12,8 @@ Three servers run the same sweep, one after the other, on this machine:
 
 - admission on: ``admission.max_streams`` = ``--max-streams`` and load
   shedding at ``--max-queue-wait-ms`` of projected queue wait;
-- shedding only: no stream cap, load shedding at ``--max-queue-wait-ms``;
+- shedding only: no configured stream cap, load shedding at ``--max-queue-wait-ms``
+  with the stream cap learned from overloads (``admission.learn_max_streams``);
 - admission off: no stream cap and no load shedding.
 
 A rejected stream is not retried: on a real deployment it would go to
@@ -51,7 +52,7 @@ def server_config(mode: str, max_streams: int, max_queue_wait_ms: float) -> str:
     if mode == "on":
         admission_table = f"max_streams = {max_streams}\nmax_queue_wait_ms = {max_queue_wait_ms}\n"
     elif mode == "shed":
-        admission_table = f"max_streams = 100000\nmax_queue_wait_ms = {max_queue_wait_ms}\n"
+        admission_table = f"max_streams = 100000\nmax_queue_wait_ms = {max_queue_wait_ms}\nlearn_max_streams = true\n"
     else:
         admission_table = "max_streams = 100000\nmax_queue_wait_ms = 0\n"
     return f"""
@@ -323,7 +324,8 @@ def markdown(report: dict) -> str:
         f"acknowledged and 99 % of its chunks are acknowledged within {report['budget_ms']:g} ms of their scheduled "
         f"send time (the first {report['warmup_s']:g} s are not timed). Admission on: "
         f"`admission.max_streams = {report['max_streams']}`, `admission.max_queue_wait_ms = {report['max_queue_wait_ms']:g}`. "
-        f"Shedding only: no stream cap, `admission.max_queue_wait_ms = {report['max_queue_wait_ms']:g}`. "
+        f"Shedding only: no configured stream cap, `admission.max_queue_wait_ms = {report['max_queue_wait_ms']:g}`, "
+        "`admission.learn_max_streams = true`. "
         "Admission off: neither. A rejected stream is not retried. "
         "The load generator runs on the same 2 cores as the server, so past capacity it competes for CPU too. "
         f"A health check goes to the server every {HEALTH_PROBE_INTERVAL_S * 1000:.0f} ms on its own connection; "

@@ -97,3 +97,38 @@ def test_audio_backlog_follows_client_pace(server) -> None:
     assert behind is not None and abs(behind - 10 * 0.018) < 1e-6
     assert window_full is None
     assert paused is None
+
+
+def test_stream_cap_learned_from_overload() -> None:
+    from streaminfer.server.config import AdmissionConfig
+
+    config = ServerConfig(
+        models=(ModelConfig(name="m", kind="noop"),),
+        admission=AdmissionConfig(max_queue_wait_ms=100, learn_max_streams=True),
+    )
+    service = types.SimpleNamespace(active_sessions={})
+    executor = types.SimpleNamespace(config=config, runners={}, decode=DecodeStage(1))
+    monitor = LoadMonitor(executor, service)  # type: ignore[arg-type]
+    wait = {"s": 0.0}
+    monitor.projected_wait_s = lambda: wait["s"]  # type: ignore[method-assign]
+    clock = {"now": 0.0}
+
+    def checks(streams: int, wait_s: float, count: int) -> None:
+        service.active_sessions = {object(): None for _ in range(streams)}
+        wait["s"] = wait_s
+        for _ in range(count):
+            clock["now"] += 0.25
+            monitor._learn_max_streams(clock["now"])
+
+    checks(50, 0.01, 4)
+    assert monitor.learned_max_streams is None  # no overload yet, so no cap
+    checks(80, 0.01, 4)
+    checks(90, 0.06, 4)  # over half the budget: not calm, not counted
+    checks(100, 0.2, 3)  # overloaded for three checks in a row
+    assert monitor.learned_max_streams == 80
+    checks(80, 0.01, 39)  # calm at the cap for 9.75 s
+    assert monitor.learned_max_streams == 80
+    checks(80, 0.01, 1)  # 10 s
+    assert monitor.learned_max_streams == 84
+    checks(84, 0.3, 1)  # overloaded again at 84: the cap falls to the calm count since
+    assert monitor.learned_max_streams == 80

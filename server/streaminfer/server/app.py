@@ -55,6 +55,7 @@ class StreaminferServer:
         self.service.rate_limiter = self.rate_limiter
         self.monitor = LoadMonitor(self.executor, self.service, self._set_healthy)
         self.service.projected_wait_s = self.monitor.projected_wait_s
+        self.service.learned_max_streams = lambda: self.monitor.learned_max_streams
         self.service.unhealthy_models = self.monitor.unhealthy_models
         self.port = 0
         self._server: grpc.aio.Server | None = None

@@ -92,6 +92,10 @@ class AdmissionConfig:
     max_queue_wait_ms: float = 250.0
     # Sent in grpc-retry-pushback-ms with every rejection for load.
     retry_pushback_ms: int = 1000
+    # Learn a stream cap from overloads: when the projected wait passes
+    # max_queue_wait_ms, cap new streams at the most the server carried
+    # calmly, and raise the cap by 5 % after each calm 10 s at it.
+    learn_max_streams: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -185,6 +189,12 @@ def _non_negative_int(table: Mapping[str, Any], key: str, default: int, where: s
     return int(value)
 
 
+def _boolean(table: Mapping[str, Any], key: str, default: bool, where: str) -> bool:
+    value = table.get(key, default)
+    _require(isinstance(value, bool), f"{where}.{key} = {value!r} is invalid: expected true or false")
+    return bool(value)
+
+
 def _string(table: Mapping[str, Any], key: str, where: str) -> str:
     value = table.get(key, "")
     _require(isinstance(value, str), f"{where}.{key} = {value!r} is invalid: expected a string")
@@ -258,7 +268,7 @@ _KNOWN_KEYS = {
         "tls_client_ca_file",
         "drain_grace_s",
     ),
-    "admission": ("max_streams", "max_queue_wait_ms", "retry_pushback_ms"),
+    "admission": ("max_streams", "max_queue_wait_ms", "retry_pushback_ms", "learn_max_streams"),
     "rate_limits": ("streams_per_second", "stream_burst", "chunks_per_second", "chunk_burst"),
     "auth": ("api_keys", "api_keys_file"),
     "limits": (
@@ -353,6 +363,7 @@ def config_from_mapping(data: Mapping[str, Any]) -> ServerConfig:
         retry_pushback_ms=_non_negative_int(
             admission_table, "retry_pushback_ms", default_admission.retry_pushback_ms, "admission"
         ),
+        learn_max_streams=_boolean(admission_table, "learn_max_streams", default_admission.learn_max_streams, "admission"),
     )
     rate_table = tables["rate_limits"]
     rate_limits = RateLimitConfig(

@@ -34,6 +34,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TICK_S = 0.02
+# Learned stream cap: checks in a row under CALM_FRACTION of the budget that
+# make the stream count calm, the calm seconds at the cap before it rises, and by how much.
+CALM_CHECKS = 4
+# A check is calm while the projected wait is under this fraction of the budget.
+CALM_FRACTION = 0.5
+PROBE_AFTER_S = 10.0
+PROBE_STEP = 0.05
 CHECK_INTERVAL_S = 0.25
 # Loop lag is the largest of the last this many ticks (about one second).
 LAG_WINDOW_TICKS = 50
@@ -55,6 +62,11 @@ class LoadMonitor:
         self.unhealthy_models: set[str] = set()
         # Median audio backlog of the open streams, seconds; see _measure_audio_backlog.
         self.audio_backlog_s = 0.0
+        # The learned stream cap (admission.learn_max_streams), None until the first overload.
+        self.learned_max_streams: int | None = None
+        self._calm_streams = 0
+        self._calm_checks = 0
+        self._calm_since = 0.0
         self.streams_ended = collections.Counter[str]()
 
     def start(self) -> None:
@@ -106,10 +118,49 @@ class LoadMonitor:
                 next_check = now + CHECK_INTERVAL_S
                 try:
                     self._measure_audio_backlog()
+                    self._learn_max_streams(now)
                     self._check_streams()
                     await self._check_models()
                 except Exception:
                     logger.exception("load monitor check failed")
+
+    def _learn_max_streams(self, now: float) -> None:
+        """Update the learned stream cap from the projected wait and the open stream count."""
+        admission = self._executor.config.admission
+        if not admission.learn_max_streams or admission.max_queue_wait_ms <= 0:
+            return
+        budget_s = admission.max_queue_wait_ms / 1000.0
+        wait_s = self.projected_wait_s()
+        streams = len(self._service.active_sessions)
+        if wait_s > budget_s:
+            self._calm_checks = 0
+            self._calm_since = now
+            # Without a calm count yet, the cap is what runs now: no more.
+            cap = self._calm_streams or max(1, streams)
+            if self.learned_max_streams is None or cap < self.learned_max_streams:
+                logger.warning(
+                    "projected wait %.0f ms with %d streams is over admission.max_queue_wait_ms; "
+                    "capping new streams at %d, the most carried within half of it",
+                    wait_s * 1000,
+                    streams,
+                    cap,
+                )
+                self.learned_max_streams = cap
+            # From here on, only counts seen after this overload are calm ones.
+            self._calm_streams = 0
+            return
+        if wait_s > budget_s * CALM_FRACTION:
+            self._calm_checks = 0
+            self._calm_since = now
+            return
+        self._calm_checks += 1
+        if self._calm_checks >= CALM_CHECKS:
+            self._calm_streams = max(self._calm_streams, streams)
+        cap = self.learned_max_streams
+        if cap is not None and streams >= cap and now - self._calm_since >= PROBE_AFTER_S:
+            self.learned_max_streams = cap + max(1, round(cap * PROBE_STEP))
+            self._calm_since = now
+            logger.info("calm at the learned cap of %d streams; raising it to %d", cap, self.learned_max_streams)
 
     def _check_streams(self) -> None:
         limits = self._limits

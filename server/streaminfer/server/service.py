@@ -85,6 +85,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         self.draining = False
         # Set by the server: projected queue wait in seconds, and the rate limiter.
         self.projected_wait_s: Callable[[], float] = lambda: 0.0
+        self.learned_max_streams: Callable[[], int | None] = lambda: None
         self.rate_limiter: Any = None
         self.unhealthy_models: set[str] = set()
         self.rejected = collections.Counter[str]()
@@ -119,6 +120,14 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 grpc.StatusCode.UNAVAILABLE,
                 f"the server has {len(self.active_sessions)} open streams, its admission.max_streams limit; "
                 f"retry after {pushback} ms or on another replica",
+                pushback,
+            )
+        learned = self.learned_max_streams()
+        if learned is not None and len(self.active_sessions) >= learned:
+            raise Rejection(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the server has {len(self.active_sessions)} open streams, the most it has carried within its "
+                f"admission.max_queue_wait_ms (a cap learned from load); retry after {pushback} ms or on another replica",
                 pushback,
             )
         if admission.max_queue_wait_ms > 0:
