@@ -35,7 +35,15 @@ import time
 
 import numpy as np
 
-from vad_streams import REPO_ROOT, VAD_RATE, load_speech_16k, machine_description, send_realtime, start_server
+from vad_streams import (
+    REPO_ROOT,
+    VAD_RATE,
+    load_speech_16k,
+    machine_description,
+    read_answers,
+    send_realtime,
+    start_server,
+)
 
 RESULTS = REPO_ROOT / "bench-results"
 HEALTH_PROBE_INTERVAL_S = 0.1
@@ -115,18 +123,7 @@ async def offered_load(
             send_realtime(call, pb, speech, index, start, interval, total_chunks, chunk_samples, scheduled)
         )
         try:
-            while (response := await call.read()) is not grpc.aio.EOF:
-                now = loop.time()
-                for ack in response.acks:
-                    for seq in range(ack.first_sequence_number, ack.last_sequence_number + 1):
-                        answered += 1
-                        when = scheduled.pop(seq)
-                        if seq >= warmup_chunks:
-                            latencies.append(now - when)
-                for error in response.errors:
-                    answered += 1
-                    errors += 1
-                    scheduled.pop(error.sequence_number, None)
+            answered, errors = await read_answers(call, scheduled, start + warmup_chunks * interval, latencies)
             await sender
         except grpc.aio.AioRpcError as error:
             sender.cancel()

@@ -179,6 +179,32 @@ async def send_realtime(
     await call.done_writing()
 
 
+async def read_answers(call, scheduled: dict[int, float], measure_from: float, latencies: list[float]) -> tuple[int, int]:
+    """Read a call's responses to its end; return (chunks answered, chunk errors).
+
+    Each acked chunk is removed from ``scheduled``; the latency from its
+    scheduled time to the ack goes into ``latencies`` when it was scheduled at
+    or after ``measure_from``.
+    """
+    import grpc
+
+    loop = asyncio.get_running_loop()
+    answered = errors = 0
+    while (response := await call.read()) is not grpc.aio.EOF:
+        now = loop.time()
+        for ack in response.acks:
+            for seq in range(ack.first_sequence_number, ack.last_sequence_number + 1):
+                answered += 1
+                when = scheduled.pop(seq)
+                if when >= measure_from:
+                    latencies.append(now - when)
+        for error in response.errors:
+            answered += 1
+            errors += 1
+            scheduled.pop(error.sequence_number, None)
+    return answered, errors
+
+
 async def realtime_load(target: str, streams: int, chunk_ms: int, warmup_s: float, measure_s: float) -> dict:
     import grpc
 
@@ -203,20 +229,8 @@ async def realtime_load(target: str, streams: int, chunk_ms: int, warmup_s: floa
         sender = asyncio.create_task(
             send_realtime(call, pb, speech, index, first, interval, total_chunks, chunk_samples, scheduled)
         )
-        answered = 0
-        measure_from = start_at + warmup_s
-        while (response := await call.read()) is not grpc.aio.EOF:
-            now = loop.time()
-            for ack in response.acks:
-                for seq in range(ack.first_sequence_number, ack.last_sequence_number + 1):
-                    answered += 1
-                    when = scheduled.pop(seq)
-                    if when >= measure_from:
-                        latencies.append(now - when)
-            for error in response.errors:
-                answered += 1
-                errors += 1
-                scheduled.pop(error.sequence_number, None)
+        answered, failed = await read_answers(call, scheduled, start_at + warmup_s, latencies)
+        errors += failed
         await sender
         lost += total_chunks - answered
 

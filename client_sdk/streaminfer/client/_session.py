@@ -536,7 +536,7 @@ class StreamSession:
             if end is not None and end.reason in _LOST_STATUS and rpc_error.code() == grpc.StatusCode.INTERNAL:
                 # The server sent StreamEnd and then its status. When a write
                 # of this client is under way at that moment, grpc's client
-                # replaces that status with INTERNAL; StreamEnd still says what happened.
+                # replaces that status with INTERNAL. StreamEnd still carries the reason.
                 code, message = _LOST_STATUS[end.reason]
                 error = error_from_rpc_error(_StatusFromStreamEnd(code, message))
             logger.debug("stream %s: call failed: %s", self.stream_id, error)

@@ -108,7 +108,7 @@ def _rejecting_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.Rpc
     async def reject(request: Any, context: grpc.aio.ServicerContext) -> None:
         if handler.request_streaming:
             # Take the first message: a client whose write is still under way
-            # when the status arrives sees INTERNAL instead of UNAUTHENTICATED.
+            # when the status arrives gets INTERNAL instead of UNAUTHENTICATED.
             await anext(aiter(request), None)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 

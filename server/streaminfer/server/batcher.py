@@ -127,7 +127,7 @@ class QueueFull(Exception):
     """The model's queue is at its bound."""
 
 
-class _Taken:
+class _TakeResult:
     """The result of one take from a queue: the batch and the items left out."""
 
     __slots__ = ("batch", "dropped", "closed")
@@ -140,7 +140,7 @@ class _Taken:
         self.closed = 0
 
 
-def _screen(item: WorkItem, cutoff: float, taken: _Taken) -> bool:
+def _screen(item: WorkItem, cutoff: float, taken: _TakeResult) -> bool:
     """Return True when ``item`` may run; otherwise record why it may not."""
     if item.owner.closed:
         taken.closed += 1
@@ -194,8 +194,8 @@ class _PriorityQueue:
         self._prune()
         return self._heap[0][3].enqueued_at if self._heap else None
 
-    def take(self, limit: int, running: set[int], cutoff: float) -> _Taken:
-        taken = _Taken()
+    def take(self, limit: int, running: set[int], cutoff: float) -> _TakeResult:
+        taken = _TakeResult()
         while self._heap and len(taken.batch) < limit:
             item = heapq.heappop(self._heap)[3]
             if not item.queued:
@@ -256,8 +256,8 @@ class _PerStreamQueue:
                 oldest = lane[0].enqueued_at
         return oldest
 
-    def take(self, limit: int, running: set[int], cutoff: float) -> _Taken:
-        taken = _Taken()
+    def take(self, limit: int, running: set[int], cutoff: float) -> _TakeResult:
+        taken = _TakeResult()
         heads = [
             (lane[0].priority, lane[0].order_key, key) for key, lane in self._lanes.items() if key not in running
         ]
@@ -272,8 +272,9 @@ class _PerStreamQueue:
                 self._size -= 1
                 if item.owner.closed:
                     # The whole lane belongs to the closed stream.
-                    taken.closed += 1 + sum(1 for rest in lane if rest.queued)
-                    self._size -= sum(1 for rest in lane if rest.queued)
+                    remaining = sum(1 for rest in lane if rest.queued)
+                    taken.closed += 1 + remaining
+                    self._size -= remaining
                     for rest in lane:
                         rest.queued = False
                     lane.clear()

@@ -132,6 +132,8 @@ class LoadMonitor:
         budget_s = admission.max_queue_wait_ms / 1000.0
         wait_s = self.projected_wait_s()
         streams = len(self._service.active_sessions)
+
+        # Overloaded: lower the cap to the most streams carried calmly.
         if wait_s > budget_s:
             self._calm_checks = 0
             self._calm_since = now
@@ -149,10 +151,14 @@ class LoadMonitor:
             # From here on, only counts seen after this overload are calm ones.
             self._calm_streams = 0
             return
+
+        # Busy but within the budget: neither calm nor overloaded.
         if wait_s > budget_s * CALM_FRACTION:
             self._calm_checks = 0
             self._calm_since = now
             return
+
+        # Calm: count the streams carried, and probe above the cap after a calm spell at it.
         self._calm_checks += 1
         if self._calm_checks >= CALM_CHECKS:
             self._calm_streams = max(self._calm_streams, streams)

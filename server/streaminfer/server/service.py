@@ -115,6 +115,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             raise Rejection(
                 grpc.StatusCode.UNAVAILABLE, "the server is shutting down; open the stream on another replica", pushback
             )
+
+        # Capacity: the configured cap, the learned cap, then the projected wait.
         if len(self.active_sessions) >= admission.max_streams:
             raise Rejection(
                 grpc.StatusCode.UNAVAILABLE,
@@ -140,6 +142,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                     "or on another replica",
                     pushback,
                 )
+
+        # The client's own quota.
         if self.rate_limiter is None:
             return None
         key = self.rate_limiter.client_key(context.invocation_metadata() or (), context.peer())

@@ -448,7 +448,7 @@ class Session:
 
         # 3. Into the ledger: the chunk is answered once its models are done.
         arrived = time.monotonic()
-        deadline = arrived + self.budget_s if self.budget_s > 0 else math.inf
+        deadline = self._deadline(arrived)
         ledger.pending.append(sequence_number)
         ledger.last_sequence_number = sequence_number
         ledger.received += 1
@@ -469,6 +469,10 @@ class Session:
             functools.partial(self._decode_job, ledger, content, sequence_number, client_time, deadline, ticket),
         )
 
+    def _deadline(self, now: float) -> float:
+        """Return the deadline of work started at ``now``: inf when the stream has no budget."""
+        return now + self.budget_s if self.budget_s > 0 else math.inf
+
     def _track_audio_pace(self, size: int, now: float) -> None:
         """Count the media seconds of audio read, against the wall-clock time since the first audio chunk."""
         if self._audio_started_at is None:
@@ -481,10 +485,9 @@ class Session:
     def audio_backlog_s(self, now: float) -> float | None:
         """Return how far the reading of this stream's audio is behind the pace the client set, in seconds.
 
-        The pace is the earliest the client was ever ahead of real time: a
+        The pace is the earliest the client was ever ahead of real time. A
         client sending in real time keeps a steady offset between wall-clock
-        time and media time read, and a server that reads it late lets the
-        offset grow. Returns None for a stream with no audio read in the last
+        time and media time read. A server that reads it late lets the offset grow. Returns None for a stream with no audio read in the last
         AUDIO_PACE_WINDOW_S, since a client that pauses would look late, and
         for a stream the server does not read because its window is full.
         """
@@ -565,7 +568,7 @@ class Session:
         """Queue the models' buffered inputs. Runs on the stream's decode thread."""
         if self.closed:
             return
-        deadline = time.monotonic() + self.budget_s if self.budget_s > 0 else math.inf
+        deadline = self._deadline(time.monotonic())
         for modality, last_sequence_number in last_received.items():
             ledger = self._ledgers[modality]
             prepared = [
