@@ -72,7 +72,7 @@ class Stream:
                 self.run.outputs.append((item, []))
                 continue
             if output is not None:
-                self.run.probabilities.append(output)
+                self.run.probabilities.extend(output.tolist())
             self.run.outputs.append((item, self.model.postprocess(self.inference_state, item, output, self.options)))
 
 
@@ -293,28 +293,33 @@ def test_batched_streams_equal_alone(vad: Model) -> None:
 
     alone = [stream_audio(vad, samples, 48000, chunk_samples=1536) for samples in recordings]
 
-    # All streams advance one chunk at a time; each step is one batch.
+    # All streams advance one chunk at a time; each step is one batch. Chunks
+    # of one to four windows put items of different lengths in a batch.
     streams = [Stream(vad, 48000) for _ in recordings]
+    chunk_sizes = [1536 * (1 + index % 4) for index in range(len(recordings))]
     largest_batch = 0
+    window_counts = set()
     steps = max(len(samples) for samples in recordings) // 1536 + 1
     for step in range(steps + 1):
         pending = []
-        for stream, samples in zip(streams, recordings):
-            offset = step * 1536
+        for stream, samples, size in zip(streams, recordings, chunk_sizes):
+            offset = step * size
             if offset < len(samples):
-                pending.append((stream, stream.send(samples[offset : offset + 1536])))
-            elif offset < len(samples) + 1536:
+                pending.append((stream, stream.send(samples[offset : offset + size])))
+            elif offset < len(samples) + size:
                 pending.append((stream, stream.flush()))
         while any(items for _, items in pending):
             batch = [(stream, items.pop(0)) for stream, items in pending if items]
             runnable = [(stream, item) for stream, item in batch if item.data is not None]
             largest_batch = max(largest_batch, len(runnable))
+            window_counts.update(len(item.data.windows) for _, item in runnable)
             with torch.inference_mode():
                 outputs = vad.run_batch([item for _, item in runnable], [stream.inference_state for stream, _ in runnable])
             by_item = {id(item): output for (_, item), output in zip(runnable, outputs)}
             for stream, item in batch:
                 stream.finish_items([item], [by_item.get(id(item))])
 
+    assert window_counts >= {1, 2, 3, 4}
     assert largest_batch == 16
     for stream, single in zip(streams, alone):
         assert len(stream.run.probabilities) == len(single.probabilities)

@@ -1,8 +1,9 @@
 """Silero VAD batched across streams, with each stream's model state kept outside the model.
 
-Audio of any sample rate is resampled to 16 kHz per stream, cut into 512-sample
-(32 ms) windows, and every window of every stream in a batch goes through the
-model in one forward pass. Each stream keeps its own LSTM state and the last 64
+Audio of any sample rate is resampled to 16 kHz per stream and cut into 512-sample
+(32 ms) windows. One work item holds the windows one chunk completes, and a
+batch runs the first window of every stream in one forward pass, then the
+second, and so on. Each stream keeps its own LSTM state and the last 64
 samples of its previous window, which Silero's own wrapper keeps inside the
 module and so cannot batch across streams.
 
@@ -263,14 +264,37 @@ class AudioWindower:
 
 @dataclasses.dataclass(slots=True)
 class VadWindow:
-    """One VAD model input: a 16 kHz window, or only a request to close the open segment."""
+    """One 512-sample window's place: its 16 kHz span and the chunks it contains."""
 
-    samples: np.ndarray | None
     # 16 kHz indices from the stream start; ``end`` counts real samples only,
     # so it is short of ``start + 512`` for a window padded at a flush.
     start: int
     end: int
-    closes_segment: bool = False
+    first_sequence_number: int
+    last_sequence_number: int
+
+
+@dataclasses.dataclass(slots=True)
+class VadInput:
+    """One VAD work item: every window one chunk (or a flush) completed, for one stream.
+
+    A stateful model takes one item per stream per batch. With all of a
+    chunk's windows in one item, one batch runs them all, one forward pass per
+    window position for every stream in the batch. At real-time pace a chunk
+    brings about one window; a chunk of many windows costs one batch, not one
+    batch per window.
+    """
+
+    # (windows, 512) float32, or None when the item has no window.
+    samples: np.ndarray | None
+    windows: list[VadWindow]
+    # Set when the item ends the open segment (a flush or the end of input):
+    # where it ends, and the chunks the closing result covers.
+    closing: VadWindow | None = None
+
+    @property
+    def closes_segment(self) -> bool:
+        return self.closing is not None
 
 
 @dataclasses.dataclass(slots=True)
@@ -362,14 +386,14 @@ class SileroVadModel(Model):
 
         output = resampler.push(samples)
         state.windower.add_chunk(chunk.sequence_number, resampler.end_position)
-        return [self._as_vad_input(item) for item in state.windower.push(output)]
+        return _as_vad_inputs(state.windower.push(output))
 
     def flush(self, state: VadPreprocessState, last_sequence_number: int) -> list[ModelInput]:
-        items = []
+        pieces = []
         if state.resampler is not None:
-            items = [self._as_vad_input(item) for item in state.windower.push(state.resampler.finish())]
-        items.append(self._as_vad_input(state.windower.flush(last_sequence_number), closes_segment=True))
-        return items
+            pieces = state.windower.push(state.resampler.finish())
+        closing = state.windower.flush(last_sequence_number)
+        return _as_vad_inputs([*pieces, closing], closing=closing)
 
     def _resampler_for(self, state: VadPreprocessState, rate: int) -> StreamingResampler:
         if rate <= 0:
@@ -391,81 +415,84 @@ class SileroVadModel(Model):
         state.resampler = StreamingResampler(rate, SAMPLE_RATE_HERTZ, kernel, width)
         return state.resampler
 
-    @staticmethod
-    def _as_vad_input(item: ModelInput, closes_segment: bool = False) -> ModelInput:
-        if item.data is None and not closes_segment:
-            return item
-        start = round((item.start_time or 0.0) * SAMPLE_RATE_HERTZ)
-        end = round((item.end_time or 0.0) * SAMPLE_RATE_HERTZ)
-        item.data = VadWindow(item.data, start, end, closes_segment)
-        return item
-
     # -- inference (worker thread) --------------------------------------------
 
     def run_batch(self, inputs: Sequence[ModelInput], states: Sequence[VadStreamState]) -> list[Any]:
-        outputs: list[float | None] = [None] * len(inputs)
+        outputs: list[np.ndarray | None] = [None] * len(inputs)
         rows = [index for index, item in enumerate(inputs) if item.data.samples is not None]
         if not rows:
             return outputs
 
-        # 1. Gather: each row is the stream's 64-sample context, then its
-        # window. The whole batch is built in numpy and crosses into torch
-        # once, so the worker hands the GIL back only a few times per batch.
-        row_states = [states[index] for index in rows]
-        x = np.concatenate(
-            (
-                np.stack([state.context for state in row_states]),
-                np.stack([inputs[index].data.samples for index in rows]),
-            ),
-            axis=1,
-        )
-        lstm_state = np.stack([state.lstm_state for state in row_states], axis=1)
+        # 1. Gather, in numpy so the batch crosses into torch once and the
+        # worker hands the GIL back only a few times per batch. Rows are
+        # sorted by window count, longest first, so the streams still running
+        # at step t are always the first rows. Each row is the stream's
+        # 64-sample context followed by all its windows.
+        rows.sort(key=lambda index: -len(inputs[index].data.samples))
+        counts = [len(inputs[index].data.samples) for index in rows]
+        steps = counts[0]
+        x = np.zeros((len(rows), CONTEXT_SAMPLES + steps * WINDOW_SAMPLES), dtype=np.float32)
+        for row, index in enumerate(rows):
+            x[row, :CONTEXT_SAMPLES] = states[index].context
+            x[row, CONTEXT_SAMPLES : CONTEXT_SAMPLES + counts[row] * WINDOW_SAMPLES] = inputs[index].data.samples.reshape(-1)
+        lstm_state = torch.from_numpy(np.stack([states[index].lstm_state for index in rows], axis=1)).to(self._device)
 
-        # 2. One forward pass for every stream in the batch.
-        probabilities, new_lstm_state = self._inner(
-            torch.from_numpy(x).to(self._device), torch.from_numpy(lstm_state).to(self._device)
-        )
-        values = probabilities[:, 0].tolist()
-        new_state = new_lstm_state.cpu().numpy()
+        # 2. One forward pass per window position, each for every stream that
+        # has a window there. Window t reads the 64 samples before it too.
+        probabilities = np.zeros((len(rows), steps), dtype=np.float32)
+        active = len(rows)
+        for step in range(steps):
+            while counts[active - 1] <= step:
+                active -= 1
+            offset = step * WINDOW_SAMPLES
+            window = torch.from_numpy(np.ascontiguousarray(x[:active, offset : offset + CONTEXT_SAMPLES + WINDOW_SAMPLES]))
+            step_probabilities, new_state = self._inner(
+                window.to(self._device), lstm_state[:, :active].contiguous()
+            )
+            lstm_state[:, :active] = new_state
+            probabilities[:active, step] = step_probabilities[:, 0].cpu().numpy()
+        final_state = lstm_state.cpu().numpy()
 
         # 3. Scatter: copies, so one stream's state does not keep the batch alive.
-        for row, (index, state) in enumerate(zip(rows, row_states)):
-            state.lstm_state = new_state[:, row].copy()
-            state.context = x[row, -CONTEXT_SAMPLES:].copy()
-            outputs[index] = values[row]
+        for row, index in enumerate(rows):
+            end = CONTEXT_SAMPLES + counts[row] * WINDOW_SAMPLES
+            states[index].lstm_state = final_state[:, row].copy()
+            states[index].context = x[row, end - CONTEXT_SAMPLES : end].copy()
+            outputs[index] = probabilities[row, : counts[row]]
         return outputs
 
     def postprocess(
-        self, state: VadStreamState, item: ModelInput, output: float | None, options: StreamOptions
+        self, state: VadStreamState, item: ModelInput, output: np.ndarray | None, options: StreamOptions
     ) -> list[pb.StreamResult]:
-        window: VadWindow = item.data
+        data: VadInput = item.data
         results: list[pb.StreamResult] = []
         if output is not None:
-            if options.interim_results:
-                activity = _result(item, pb.SPEECH_EVENT_TYPE_ACTIVITY, output, is_final=False)
-                set_duration(activity.start_time, item.start_time)
-                set_duration(activity.end_time, item.end_time)
-                results.append(activity)
-            self._advance(state, item, window, output, results)
-            state.previous_window_first_sequence_number = item.first_sequence_number
-        if window.closes_segment and state.segment is not None:
+            for window, probability in zip(data.windows, output.tolist()):
+                if options.interim_results:
+                    activity = _result(window, pb.SPEECH_EVENT_TYPE_ACTIVITY, probability, is_final=False)
+                    set_duration(activity.start_time, window.start / SAMPLE_RATE_HERTZ)
+                    set_duration(activity.end_time, window.end / SAMPLE_RATE_HERTZ)
+                    results.append(activity)
+                self._advance(state, window, probability, results)
+                state.previous_window_first_sequence_number = window.first_sequence_number
+        if data.closing is not None and state.segment is not None:
             # As offline at the end of the audio: the segment runs to the last sample.
-            self._close(state, item, window.end, include_silence=True, results=results)
+            self._close(state, data.closing, data.closing.end, include_silence=True, results=results)
         return results
 
     def _advance(
-        self, state: VadStreamState, item: ModelInput, window: VadWindow, probability: float, results: list[pb.StreamResult]
+        self, state: VadStreamState, window: VadWindow, probability: float, results: list[pb.StreamResult]
     ) -> None:
         """Feed one window's probability to the segment state machine."""
         segment = state.segment
         if segment is None:
             if probability >= THRESHOLD:
-                first = item.first_sequence_number
+                first = window.first_sequence_number
                 if window.start > 0 and state.previous_window_first_sequence_number is not None:
                     # The 30 ms pad reaches into the previous window's chunks.
                     first = state.previous_window_first_sequence_number
                 state.segment = _OpenSegment(window.start, first, probability, 1)
-                self._announce_if_long(state, item, window, results)
+                self._announce_if_long(state, window, results)
             return
 
         if probability >= THRESHOLD and segment.silence_start is not None:
@@ -487,24 +514,24 @@ class SileroVadModel(Model):
 
         # Offline, only a window below the negative threshold can end speech.
         if probability < NEGATIVE_THRESHOLD and window.start - segment.silence_start >= MIN_SILENCE_SAMPLES:
-            self._close(state, item, segment.silence_start, include_silence=False, results=results)
+            self._close(state, window, segment.silence_start, include_silence=False, results=results)
             return
-        self._announce_if_long(state, item, window, results)
+        self._announce_if_long(state, window, results)
 
     def _announce_if_long(
-        self, state: VadStreamState, item: ModelInput, window: VadWindow, results: list[pb.StreamResult]
+        self, state: VadStreamState, window: VadWindow, results: list[pb.StreamResult]
     ) -> None:
         # Without a pending silence the segment cannot end before this
         # window's end, so past the minimum here it will be kept.
         segment = state.segment
         if segment.announced or segment.silence_start is not None or window.end - segment.start <= MIN_SPEECH_SAMPLES:
             return
-        results.append(self._start_result(state, item))
+        results.append(self._start_result(state, window))
         segment.announced = True
 
-    def _start_result(self, state: VadStreamState, item: ModelInput) -> pb.StreamResult:
+    def _start_result(self, state: VadStreamState, window: VadWindow) -> pb.StreamResult:
         segment = state.segment
-        result = _result(item, pb.SPEECH_EVENT_TYPE_SPEECH_START, segment.speech_probability_sum / segment.speech_windows)
+        result = _result(window, pb.SPEECH_EVENT_TYPE_SPEECH_START, segment.speech_probability_sum / segment.speech_windows)
         result.first_sequence_number = segment.first_sequence_number
         set_duration(result.start_time, self._padded_start(state) / SAMPLE_RATE_HERTZ)
         return result
@@ -513,12 +540,12 @@ class SileroVadModel(Model):
         return max(state.segment.start - SPEECH_PAD_SAMPLES, state.previous_segment_end, 0)
 
     def _close(
-        self, state: VadStreamState, item: ModelInput, end: int, include_silence: bool, results: list[pb.StreamResult]
+        self, state: VadStreamState, window: VadWindow, end: int, include_silence: bool, results: list[pb.StreamResult]
     ) -> None:
         segment = state.segment
         if end - segment.start > MIN_SPEECH_SAMPLES:
             if not segment.announced:
-                results.append(self._start_result(state, item))
+                results.append(self._start_result(state, window))
             probability_sum = segment.speech_probability_sum
             windows = segment.speech_windows
             if include_silence:
@@ -526,7 +553,7 @@ class SileroVadModel(Model):
                 windows += segment.silence_windows
             # A flush closes at the last real sample, which no pad may pass.
             padded_end = end if include_silence else end + SPEECH_PAD_SAMPLES
-            result = _result(item, pb.SPEECH_EVENT_TYPE_SPEECH_END, probability_sum / max(windows, 1))
+            result = _result(window, pb.SPEECH_EVENT_TYPE_SPEECH_END, probability_sum / max(windows, 1))
             result.first_sequence_number = segment.first_sequence_number
             set_duration(result.start_time, self._padded_start(state) / SAMPLE_RATE_HERTZ)
             set_duration(result.end_time, padded_end / SAMPLE_RATE_HERTZ)
@@ -535,10 +562,53 @@ class SileroVadModel(Model):
         state.segment = None
 
 
-def _result(item: ModelInput, event_type: int, probability: float, is_final: bool = True) -> pb.StreamResult:
+def _result(window: VadWindow, event_type: int, probability: float, is_final: bool = True) -> pb.StreamResult:
     return pb.StreamResult(
-        first_sequence_number=item.first_sequence_number,
-        last_sequence_number=item.last_sequence_number,
+        first_sequence_number=window.first_sequence_number,
+        last_sequence_number=window.last_sequence_number,
         is_final=is_final,
         speech=pb.SpeechSegment(event_type=event_type, speech_probability=probability),
     )
+
+
+def _window_of(piece: ModelInput) -> VadWindow:
+    return VadWindow(
+        round((piece.start_time or 0.0) * SAMPLE_RATE_HERTZ),
+        round((piece.end_time or 0.0) * SAMPLE_RATE_HERTZ),
+        piece.first_sequence_number,
+        piece.last_sequence_number,
+    )
+
+
+def _as_vad_inputs(pieces: list[ModelInput], closing: ModelInput | None = None) -> list[ModelInput]:
+    """Merge the windower's windows and completions into one work item.
+
+    ``closing`` is the windower's flush item, the last of ``pieces``, which
+    also ends the open segment.
+    """
+    with_samples = [piece for piece in pieces if piece.data is not None]
+    if not with_samples and closing is None:
+        return pieces
+    if len(pieces) == 1:
+        # The usual case at real-time pace: one window, or only a flush.
+        (piece,) = pieces
+        piece.data = VadInput(
+            None if piece.data is None else piece.data[np.newaxis],
+            [_window_of(piece)] if piece.data is not None else [],
+            _window_of(closing) if closing is not None else None,
+        )
+        return pieces
+    completed = [piece.completes_sequence_number for piece in pieces if piece.completes_sequence_number is not None]
+    item = ModelInput(
+        VadInput(
+            np.stack([piece.data for piece in with_samples]) if with_samples else None,
+            [_window_of(piece) for piece in with_samples],
+            _window_of(closing) if closing is not None else None,
+        ),
+        pieces[0].first_sequence_number,
+        max(piece.last_sequence_number for piece in pieces),
+        completed[-1] if completed else None,
+        pieces[0].start_time,
+        pieces[-1].end_time,
+    )
+    return [item]
