@@ -100,7 +100,7 @@ def start_server(extra_args: list[str], echo: bool = False) -> ServerProcess:
     if echo:
         command = [sys.executable, str(ECHO_SERVER), "--port", "0"]
     else:
-        command = [sys.executable, "-m", "streaminfer.server.cli", "serve", "--port", "0", *extra_args]
+        command = [sys.executable, "-m", "streaminfer.server.cli", "serve", "--port", "0", "--metrics-port", "0", *extra_args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log: list[str] = []
     deadline = time.monotonic() + 300

@@ -54,7 +54,7 @@ def start_server(out: TextIO) -> tuple[subprocess.Popen[str], int]:
     # The progress bars of the model loaders are noise in the demo's output.
     environment = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     server = subprocess.Popen(
-        [str(BIN / "streaminfer"), "--log-level", "WARNING", "serve", "--port", "0"],
+        [str(BIN / "streaminfer"), "--log-level", "WARNING", "serve", "--port", "0", "--metrics-port", "0"],
         stdout=subprocess.PIPE,
         text=True,
         env=environment,

@@ -68,8 +68,8 @@ class ServerThread:
 
 
 def loopback_config(config: ServerConfig | None = None) -> ServerConfig:
-    """Return ``config`` (default: the built-in one) bound to a free loopback port."""
-    return dataclasses.replace(config or load_config(None), host="127.0.0.1", port=0)
+    """Return ``config`` (default: the built-in one) bound to a free loopback port, with metrics on a free port too."""
+    return dataclasses.replace(config or load_config(None), host="127.0.0.1", port=0, metrics_port=0)
 
 
 @pytest.fixture(scope="session")

@@ -57,7 +57,7 @@ def test_cancelled_stream_frees_its_state(channel, server) -> None:
 
 def test_two_workers_serve_and_stop_on_sigterm() -> None:
     server = subprocess.Popen(
-        [sys.executable, "-m", "streaminfer.server.cli", "--log-level", "WARNING", "serve", "--workers", "2", "--port", "0"],
+        [sys.executable, "-m", "streaminfer.server.cli", "--log-level", "WARNING", "serve", "--workers", "2", "--port", "0", "--metrics-port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -842,7 +842,7 @@ def server_process(
         process = subprocess.Popen(
             [
                 str(pathlib.Path(sys.executable).with_name("streaminfer")),
-                "serve", "--config", str(config), "--host", "127.0.0.1", "--port", "0", "--grace", str(grace_s),
+                "serve", "--config", str(config), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--grace", str(grace_s),
             ],  # fmt: skip
             stdout=subprocess.PIPE,
             stderr=log_file,

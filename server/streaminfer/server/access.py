@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from streaminfer.server import metrics
 from streaminfer.server.config import AuthConfig, ConfigError, RateLimitConfig, ServerConfig
 
 logger = logging.getLogger(__name__)
@@ -167,6 +168,8 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             # Unknown method: the server returns UNIMPLEMENTED.
             return handler
         logger.info("rejected %s with UNAUTHENTICATED: %s API key", method, "missing" if presented is None else "invalid")
+        if method.endswith("/Stream"):
+            metrics.STREAMS_REJECTED.labels("unauthenticated").inc()
         return _rejecting_handler(handler, _MISSING_KEY_MESSAGE if presented is None else _WRONG_KEY_MESSAGE)
 
 

@@ -7,11 +7,13 @@ import gc
 import logging
 import signal
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from streaminfer.server import metrics
 from streaminfer.server.access import ApiKeyInterceptor, RateLimiter, load_api_keys, server_credentials
 from streaminfer.server.config import ServerConfig
 from streaminfer.server.executor import Executor
@@ -58,6 +60,9 @@ class StreaminferServer:
         self.service.learned_max_streams = lambda: self.monitor.learned_max_streams
         self.service.unhealthy_models = self.monitor.unhealthy_models
         self.port = 0
+        # The bound /metrics port; None when metrics are off.
+        self.metrics_port: int | None = None
+        self._metrics_server: Any = None
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> int:
@@ -92,8 +97,20 @@ class StreaminferServer:
                 f"cannot listen on {address}: {error}; the port may be in use or the host not local. "
                 "Pick another with --port (0 picks a free one) or --host"
             ) from error
+        if self.config.metrics_port >= 0:
+            try:
+                self._metrics_server, self.metrics_port = metrics.start_server(
+                    self.config.metrics_host or self.config.host, self.config.metrics_port
+                )
+            except OSError as error:
+                raise BindError(str(error)) from error
 
-        await self.executor.start()
+        try:
+            await self.executor.start()
+        except BaseException:
+            self._stop_metrics()
+            raise
+        self.monitor.sampler = metrics.Sampler(self.executor, self.service, self.monitor)
         self.monitor.start()
         _tune_garbage_collector()
         pb_grpc.add_InferenceServiceServicer_to_server(self.service, self._server)
@@ -107,13 +124,17 @@ class StreaminferServer:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         admission = self.config.admission
         logger.info(
-            "streaminfer listening on %s:%d (%s, API keys %s, at most %d streams, shedding above %g ms projected wait)",
+            "streaminfer listening on %s:%d (%s, API keys %s, at most %d streams, shedding above %g ms projected "
+            "wait, metrics %s)",
             self.config.host,
             self.port,
             "TLS" if self.config.tls_cert_file else "plaintext",
             "required" if self.api_keys else "off",
             admission.max_streams,
             admission.max_queue_wait_ms,
+            f"on http://{self.config.metrics_host or self.config.host}:{self.metrics_port}/metrics"
+            if self.metrics_port is not None
+            else "off",
         )
         return self.port
 
@@ -144,7 +165,8 @@ class StreaminferServer:
         if self.service.active_sessions:
             logger.info("draining: ending %d stream(s) after the grace period", len(self.service.active_sessions))
             for session in list(self.service.active_sessions):
-                session.end_by_server(pb.STREAM_END_REASON_DRAINING)
+                if session.end_by_server(pb.STREAM_END_REASON_DRAINING):
+                    metrics.STREAMS_ENDED_BY_SERVER.labels("draining").inc()
             deadline = loop.time() + FINAL_ANSWER_S
             while self.service.active_sessions and loop.time() < deadline:
                 await asyncio.sleep(DRAIN_POLL_S)
@@ -158,7 +180,14 @@ class StreaminferServer:
             await self._server.stop(grace)
         await self.monitor.aclose()
         await self.executor.aclose()
+        self._stop_metrics()
         logger.info("streaminfer stopped")
+
+    def _stop_metrics(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
 
     async def wait_for_termination(self) -> None:
         assert self._server is not None
@@ -196,6 +225,8 @@ async def serve(
     await server.start()
     if on_ready is None:
         print(f"streaminfer listening on {config.host}:{server.port}", flush=True)
+        if server.metrics_port is not None:
+            print(f"streaminfer metrics on http://{config.metrics_host or config.host}:{server.metrics_port}/metrics", flush=True)
     else:
         on_ready(server.port)
 

@@ -42,6 +42,7 @@ from typing import Any, Protocol
 
 import torch
 
+from streaminfer.server import metrics
 from streaminfer.server.config import ModelConfig
 from streaminfer.server.models.base import Model, ModelInput, StreamOptions
 from streaminfer.v1 import streaminfer_pb2 as pb
@@ -98,7 +99,6 @@ class WorkItem:
     # Filled by the worker.
     queue_wait_s: float = 0.0
     inference_s: float = 0.0
-    postprocess_s: float = 0.0
     batch_size: int = 0
     results: list[pb.StreamResult] = dataclasses.field(default_factory=list)
     error: BaseException | None = None
@@ -334,6 +334,15 @@ class ModelRunner:
             for i in range(config.instances)
         ]
         self._reaper = threading.Thread(target=self._reap_expired, name=f"reap-{config.name}", daemon=True)
+        name = config.name
+        self._metric_full = metrics.BATCHES.labels(name, "full")
+        self._metric_delay = metrics.BATCHES.labels(name, "delay")
+        self._metric_size = metrics.BATCH_SIZE.labels(name)
+        self._metric_fill = metrics.BATCH_FILL.labels(name)
+        self._metric_queue_wait = metrics.QUEUE_WAIT.labels(name)
+        self._metric_inference = metrics.INFERENCE.labels(name)
+        self._metric_postprocess = metrics.POSTPROCESS.labels(name)
+        self._metric_failed = metrics.ITEMS_FAILED.labels(name)
 
     def start(self) -> None:
         for thread in self._threads:
@@ -361,6 +370,12 @@ class ModelRunner:
         now = self._clock()
         started = [since for since in self._running_since if since is not None]
         return now - min(started) if started else 0.0
+
+    def oldest_queued_age_s(self) -> float:
+        """Seconds the oldest queued item has waited; 0 when the queue is empty."""
+        with self._cond:
+            oldest = self._queue.oldest_arrival(set())
+        return self._clock() - oldest if oldest is not None else 0.0
 
     def projected_wait_s(self) -> float:
         """Seconds a new item would wait before its batch starts, from the queue depth and batch time."""
@@ -450,8 +465,10 @@ class ModelRunner:
                         self._owners_running.update(id(item.owner) for item in batch)
                     if len(batch) >= self._max_batch:
                         self.stats.closed_full += 1
+                        self._metric_full.inc()
                     else:
                         self.stats.closed_delay += 1
+                        self._metric_delay.inc()
                     return batch, dropped
 
     def _count_dropped(self, dropped: list[WorkItem], closed: int) -> None:
@@ -561,22 +578,32 @@ class ModelRunner:
         self.stats.batch_size_counts[len(runnable)] += 1
         if runnable:
             self.batch_seconds = inference_s if self.stats.batches == 1 else 0.9 * self.batch_seconds + 0.1 * inference_s
+            self._metric_size.observe(len(runnable))
+            self._metric_fill.observe(len(runnable) / self._max_batch)
+            self._metric_inference.observe(inference_s)
+        for item in batch:
+            self._metric_queue_wait.observe(item.queue_wait_s)
 
         # 3. Postprocess each item on its own, so one bad output fails one item.
+        failed = 0
+        post_started = self._clock()
         for item, output in zip(runnable, outputs):
             item.inference_s = inference_s
             if isinstance(output, BaseException):
                 item.error = output
-                self.stats.failed_items += 1
+                failed += 1
                 continue
-            post_started = self._clock()
             try:
                 item.results = self.model.postprocess(item.inference_state, item.model_input, output, item.owner.options)
             except Exception as error:
                 logger.exception("model %s failed to postprocess an item of stream %s", self.config.name, item.owner.options.stream_id)
                 item.error = error
-                self.stats.failed_items += 1
-            item.postprocess_s = self._clock() - post_started
+                failed += 1
+        if runnable:
+            self._metric_postprocess.observe(self._clock() - post_started)
+        if failed:
+            self.stats.failed_items += failed
+            self._metric_failed.inc(failed)
 
     def _run_alone(self, item: WorkItem) -> Any:
         try:

@@ -18,6 +18,7 @@ def _serve(options: argparse.Namespace) -> int:
         "decode_threads": options.decode_threads,
         "torch_threads": options.torch_threads,
         "drain_grace_s": options.grace,
+        "metrics_port": options.metrics_port,
     }
     try:
         config = load_config(options.config, overrides)
@@ -67,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--decode-threads", type=int, help="threads decoding and preprocessing chunks (default: 2)")
     serve.add_argument(
         "--torch-threads", type=int, help="intra-op threads per inference worker; 0 means cores minus one (default: 0)"
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        help="HTTP port of the Prometheus /metrics page; 0 picks a free one, -1 turns metrics off (default: 9464)",
     )
     serve.add_argument(
         "--workers",

@@ -141,6 +141,10 @@ class ServerConfig:
     tls_client_ca_file: str = ""
     # On SIGTERM: seconds streams may run on before the server ends them.
     drain_grace_s: float = 20.0
+    # Prometheus /metrics over HTTP: 0 picks a free port, -1 turns it off.
+    # An empty host means the gRPC host.
+    metrics_port: int = 9464
+    metrics_host: str = ""
 
     def resolved_torch_threads(self) -> int:
         if self.torch_threads > 0:
@@ -267,6 +271,8 @@ _KNOWN_KEYS = {
         "tls_key_file",
         "tls_client_ca_file",
         "drain_grace_s",
+        "metrics_port",
+        "metrics_host",
     ),
     "admission": ("max_streams", "max_queue_wait_ms", "retry_pushback_ms", "learn_max_streams"),
     "rate_limits": ("streams_per_second", "stream_burst", "chunks_per_second", "chunk_burst"),
@@ -401,9 +407,16 @@ def config_from_mapping(data: Mapping[str, Any]) -> ServerConfig:
         not tls["tls_client_ca_file"] or bool(tls["tls_cert_file"]),
         "server.tls_client_ca_file needs server.tls_cert_file and server.tls_key_file: client certificates need TLS",
     )
+    metrics_port = server.get("metrics_port", 9464)
+    _require(
+        isinstance(metrics_port, int) and not isinstance(metrics_port, bool) and -1 <= metrics_port <= 65535,
+        f"server.metrics_port = {metrics_port!r} is invalid: expected 0 to 65535 (0 picks a free port), or -1 for no metrics",
+    )
     return ServerConfig(
         host=host,
         port=port,
+        metrics_port=metrics_port,
+        metrics_host=_string(server, "metrics_host", "server"),
         decode_threads=_positive_int(server, "decode_threads", 2, "server"),
         torch_threads=torch_threads,
         models=models,

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from streaminfer.server import metrics
 from streaminfer.v1 import streaminfer_pb2 as pb
 
 if TYPE_CHECKING:
@@ -68,6 +69,8 @@ class LoadMonitor:
         self._calm_checks = 0
         self._calm_since = 0.0
         self.streams_ended = collections.Counter[str]()
+        # Sets the sampled metrics; the server installs it once the models are loaded.
+        self.sampler: metrics.Sampler | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="load-monitor")
@@ -113,7 +116,9 @@ class LoadMonitor:
             expected = loop.time() + TICK_S
             await asyncio.sleep(TICK_S)
             now = loop.time()
-            self._lags.append(max(0.0, now - expected))
+            lag = max(0.0, now - expected)
+            self._lags.append(lag)
+            metrics.LOOP_LAG.observe(lag)
             if now >= next_check:
                 next_check = now + CHECK_INTERVAL_S
                 try:
@@ -121,6 +126,8 @@ class LoadMonitor:
                     self._learn_max_streams(now)
                     self._check_streams()
                     await self._check_models()
+                    if self.sampler is not None:
+                        self.sampler.sample()
                 except Exception:
                     logger.exception("load monitor check failed")
 
@@ -179,7 +186,7 @@ class LoadMonitor:
                 if session.aborting:
                     continue
                 session.aborting = True
-                self.streams_ended["write_timeout"] += 1
+                self._ended_by_server("write_timeout")
                 logger.warning(
                     "stream %s: the client has not read a response for %.1f s; ending the stream",
                     session.stream_id,
@@ -203,10 +210,14 @@ class LoadMonitor:
                     asyncio.get_running_loop().call_soon(session.handler_task.cancel)
             elif limits.max_stream_duration_s and now - session.started_at > limits.max_stream_duration_s:
                 if session.end_by_server(pb.STREAM_END_REASON_MAX_DURATION):
-                    self.streams_ended["max_duration"] += 1
+                    self._ended_by_server("max_duration")
             elif limits.idle_timeout_s and session.is_idle(now, limits.idle_timeout_s):
                 if session.end_by_server(pb.STREAM_END_REASON_IDLE_TIMEOUT):
-                    self.streams_ended["idle_timeout"] += 1
+                    self._ended_by_server("idle_timeout")
+
+    def _ended_by_server(self, reason: str) -> None:
+        self.streams_ended[reason] += 1
+        metrics.STREAMS_ENDED_BY_SERVER.labels(reason).inc()
 
     async def _check_models(self) -> None:
         hung = {

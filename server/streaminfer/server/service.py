@@ -33,6 +33,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from streaminfer.server import metrics
 from streaminfer.server.batcher import ItemDropped, ModelRunner, QueueFull, WorkItem
 from streaminfer.server.errors import StreaminferError
 from streaminfer.server.executor import Executor
@@ -68,13 +69,14 @@ REJECTION_LOG_INTERVAL_S = 1.0
 
 
 class Rejection(Exception):
-    """A stream rejected at admission."""
+    """A stream rejected at admission; ``reason`` is its metric label."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, pushback_ms: int | None) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, pushback_ms: int | None, reason: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.pushback_ms = pushback_ms
+        self.reason = reason
 
 
 class InferenceService(pb_grpc.InferenceServiceServicer):
@@ -113,7 +115,10 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         pushback = admission.retry_pushback_ms
         if self.draining:
             raise Rejection(
-                grpc.StatusCode.UNAVAILABLE, "the server is shutting down; open the stream on another replica", pushback
+                grpc.StatusCode.UNAVAILABLE,
+                "the server is shutting down; open the stream on another replica",
+                pushback,
+                "draining",
             )
 
         # Capacity: the configured cap, the learned cap, then the projected wait.
@@ -123,6 +128,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 f"the server has {len(self.active_sessions)} open streams, its admission.max_streams limit; "
                 f"retry after {pushback} ms or on another replica",
                 pushback,
+                "max_streams",
             )
         learned = self.learned_max_streams()
         if learned is not None and len(self.active_sessions) >= learned:
@@ -131,6 +137,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 f"the server has {len(self.active_sessions)} open streams, the most it has carried within its "
                 f"admission.max_queue_wait_ms (a cap learned from load); retry after {pushback} ms or on another replica",
                 pushback,
+                "learned_max_streams",
             )
         if admission.max_queue_wait_ms > 0:
             wait_ms = self.projected_wait_s() * 1000.0
@@ -141,6 +148,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                     f"admission.max_queue_wait_ms of {admission.max_queue_wait_ms:g} ms; retry after {pushback} ms "
                     "or on another replica",
                     pushback,
+                    "queue_wait",
                 )
 
         # The client's own quota.
@@ -155,6 +163,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 f"this client is over its limit of {limits.streams_per_second:g} new streams per second "
                 f"(rate_limits.streams_per_second); retry in {wait_s * 1000:.0f} ms",
                 max(1, math.ceil(wait_s * 1000)),
+                "rate_limit",
             )
         return key
 
@@ -176,6 +185,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             client_key = self._admit(context)
         except Rejection as rejection:
             self.rejected[rejection.code.name] += 1
+            metrics.STREAMS_REJECTED.labels(rejection.reason).inc()
             self._log_rejection(rejection)
             if rejection.pushback_ms is not None:
                 context.set_trailing_metadata((("grpc-retry-pushback-ms", str(rejection.pushback_ms)),))
@@ -199,6 +209,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         if client_key is not None and self._executor.config.rate_limits.chunks_per_second > 0:
             session.admit_chunk = functools.partial(self.rate_limiter.admit_chunk, client_key)
         self.active_sessions[session] = context
+        metrics.STREAMS_STARTED.inc()
         session.handler_task = asyncio.current_task()
         logger.info(
             "stream %s started: peer %s, models %s, label %r",
@@ -208,7 +219,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             first.config.label,
         )
         session.start_reading(request_iterator)
-        outcome = "ok"
+        outcome = "OK"
         try:
             yield session.accepted_message()
             async for response in session.responses():
@@ -219,22 +230,50 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             if session.end_reason in _END_STATUS:
                 code, template = _END_STATUS[session.end_reason]
                 limits = self._executor.config.limits
-                outcome = pb.StreamEndReason.Name(session.end_reason)
+                outcome = code.name
                 await context.abort(
                     code, template.format(max_duration=limits.max_stream_duration_s, idle=limits.idle_timeout_s)
                 )
         except asyncio.CancelledError:
-            outcome = "cancelled"
+            # The call's deadline passed, the client cancelled or went away,
+            # or the server gave up on a client that stopped reading.
+            if session.aborting:
+                outcome = "RESOURCE_EXHAUSTED"
+            else:
+                remaining = context.time_remaining()
+                outcome = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
             raise
         except GeneratorExit:
-            outcome = "aborted"
+            outcome = "RESOURCE_EXHAUSTED" if session.aborting else "CANCELLED"
             raise
         finally:
             session.close()
             self.active_sessions.pop(session, None)
-            logger.info("stream %s ended: %s", session.stream_id, outcome)
+            metrics.STREAMS_ENDED.labels(outcome).inc()
+            if session.end_reason in _END_STATUS:
+                logger.info(
+                    "stream %s ended: %s (%s)", session.stream_id, outcome, pb.StreamEndReason.Name(session.end_reason)
+                )
+            else:
+                logger.info("stream %s ended: %s", session.stream_id, outcome)
 
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResponse:
+        code = "OK"
+        try:
+            return await self._infer(request, context)
+        except grpc.aio.AbortError:
+            code = context.code().name if context.code() is not None else "UNKNOWN"
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception:
+            code = "UNKNOWN"
+            raise
+        finally:
+            metrics.INFER_REQUESTS.labels(code).inc()
+
+    async def _infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResponse:
         runner = self._executor.runners.get(request.model)
         if runner is None:
             await context.abort(

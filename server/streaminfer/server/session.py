@@ -50,6 +50,7 @@ import grpc
 from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError
 
+from streaminfer.server import metrics
 from streaminfer.server.batcher import PRIORITY_BULK, PRIORITY_INTERACTIVE, ItemDropped, ModelRunner, QueueFull, WorkItem
 from streaminfer.server.decode import TextDecoder, decode_audio, decode_image
 from streaminfer.server.errors import ChunkRejected, FailedPrecondition, InvalidArgument, NotFound, StreaminferError
@@ -110,6 +111,13 @@ class ModelSlot:
     done: dict[int, WorkItem] = dataclasses.field(default_factory=dict)
     # Chunks up to this sequence number are complete for this model.
     completed_through: int = NO_SEQUENCE_NUMBER
+    metric_results: Any = None
+    metric_latency: Any = None
+
+    def __post_init__(self) -> None:
+        modality = metrics.modality_label(self.modality)
+        self.metric_results = metrics.RESULTS.labels(self.name, modality)
+        self.metric_latency = metrics.CHUNK_LATENCY.labels(self.name, modality)
 
     @property
     def name(self) -> str:
@@ -132,6 +140,8 @@ class Ledger:
     received: int = 0
     acked: int = 0
     failed: int = 0
+    # When each pending chunk was read, for its latency.
+    arrivals: dict[int, float] = dataclasses.field(default_factory=dict)
 
 
 class Session:
@@ -203,6 +213,9 @@ class Session:
         self._outbound = pb.StreamResponse()
         self._outbound_ready = asyncio.Event()
         self._results_sent = 0
+        # Chunks acked in the message being built, with when they were read.
+        self._acked_unsent: list[tuple[Ledger, float]] = []
+        self._first_result_written = False
         self.end_reason = pb.STREAM_END_REASON_UNSPECIFIED
         self.started_at = time.monotonic()
         self.last_message_at = self.started_at
@@ -387,6 +400,7 @@ class Session:
         field = _MODALITY_NAMES[modality]
         sequence_number = chunk.sequence_number
         ledger = self._ledgers.get(modality)
+        metrics.CHUNKS_RECEIVED.labels(metrics.modality_label(modality)).inc()
 
         # 1. Wait for room in the window. While waiting, this stream is not
         # read. Every chunk takes a place until its answer is written, a
@@ -395,6 +409,7 @@ class Session:
             # A client that keeps to its credit never sends this chunk yet.
             self.window_overruns += 1
             if self.window_overruns == 1:
+                metrics.WINDOW_OVERRUNS.inc()
                 logger.warning(
                     "stream %s: the client sent beyond its window of %d chunks in flight; "
                     "the server stops reading the stream until answers are written",
@@ -450,6 +465,7 @@ class Session:
         arrived = time.monotonic()
         deadline = self._deadline(arrived)
         ledger.pending.append(sequence_number)
+        ledger.arrivals[sequence_number] = arrived
         ledger.last_sequence_number = sequence_number
         ledger.received += 1
         if modality == pb.MODALITY_AUDIO:
@@ -466,7 +482,7 @@ class Session:
         )
         self._executor.decode.submit(
             self._lane,
-            functools.partial(self._decode_job, ledger, content, sequence_number, client_time, deadline, ticket),
+            functools.partial(self._decode_job, ledger, content, sequence_number, client_time, arrived, deadline, ticket),
         )
 
     def _deadline(self, now: float) -> float:
@@ -530,6 +546,7 @@ class Session:
         content: bytes,
         sequence_number: int,
         client_time: float | None,
+        arrived: float,
         deadline: float,
         ticket: FrameTicket | None,
     ) -> None:
@@ -539,7 +556,10 @@ class Session:
         if ticket is not None and ticket.superseded:
             self._call_on_loop(self._fail_chunks, ledger, [sequence_number], pb.CHUNK_ERROR_REASON_OVERFLOW, ticket.message)
             return
-        if time.monotonic() > deadline:
+        started = time.monotonic()
+        modality = metrics.modality_label(ledger.modality)
+        metrics.DECODE_WAIT.labels(modality).observe(started - arrived)
+        if started > deadline:
             # Stateful preprocessing still receives the chunk below, so the
             # stream's audio timeline stays whole. Only inference is skipped.
             deadline = -math.inf
@@ -548,6 +568,8 @@ class Session:
         except ChunkRejected as rejection:
             self._call_on_loop(self._fail_chunks, ledger, [sequence_number], rejection.reason, rejection.message)
             return
+        finally:
+            metrics.DECODE.labels(modality).observe(time.monotonic() - started)
         self._submit(ledger, prepared, deadline, ticket)
 
     def _flush_job_for(self, ends_input: bool, modality: int = pb.MODALITY_UNSPECIFIED) -> Callable[[], None]:
@@ -733,11 +755,13 @@ class Session:
                     slot.name,
                 )
             else:
-                for result in item.results:
-                    result.model = slot.name
-                    result.modality = slot.modality
-                self._outbound.results.extend(item.results)
-                self._results_sent += len(item.results)
+                if item.results:
+                    for result in item.results:
+                        result.model = slot.name
+                        result.modality = slot.modality
+                    self._outbound.results.extend(item.results)
+                    self._results_sent += len(item.results)
+                    slot.metric_results.inc(len(item.results))
             if model_input.completes_sequence_number is not None:
                 slot.completed_through = max(slot.completed_through, model_input.completes_sequence_number)
         self._acknowledge(ledger)
@@ -752,6 +776,7 @@ class Session:
         complete_through = min(slot.completed_through for slot in ledger.slots)
         pending = ledger.pending
         ack: pb.ChunkAck | None = None
+        acked = 0
         while pending and pending[0] <= complete_through:
             sequence_number = pending.popleft()
             if sequence_number in ledger.errored:
@@ -759,27 +784,36 @@ class Session:
                 ack = None
                 continue
             self._answered(ledger.modality, sequence_number)
+            self._acked_unsent.append((ledger, ledger.arrivals.pop(sequence_number)))
             ledger.acked += 1
+            acked += 1
             # A range joins consecutive numbers only: a number between two
             # acked chunks may belong to a chunk rejected before the ledger.
             if ack is None or sequence_number != ack.last_sequence_number + 1:
                 ack = self._outbound.acks.add(modality=ledger.modality, first_sequence_number=sequence_number)
             ack.last_sequence_number = sequence_number
+        if acked:
+            metrics.CHUNKS_PROCESSED.labels(metrics.modality_label(ledger.modality)).inc(acked)
 
     def _fail_chunks(
         self, ledger: Ledger, sequence_numbers: Iterable[int], reason: int, message: str, model: str = ""
     ) -> None:
         """Report pending chunks as failed. Later acks skip them."""
         pending = set(ledger.pending)
+        failed = 0
         for sequence_number in sequence_numbers:
             if sequence_number not in pending or sequence_number in ledger.errored:
                 continue
             ledger.errored.add(sequence_number)
+            ledger.arrivals.pop(sequence_number, None)
             ledger.failed += 1
+            failed += 1
             self._answered(ledger.modality, sequence_number)
             self._outbound.errors.add(
                 modality=ledger.modality, sequence_number=sequence_number, reason=reason, message=message, model=model
             )
+        if failed:
+            metrics.CHUNKS_DROPPED.labels(metrics.modality_label(ledger.modality), metrics.reason_label(reason)).inc(failed)
         self._acknowledge(ledger)
         self._wake_writer()
 
@@ -790,6 +824,7 @@ class Session:
         if ledger is not None:
             ledger.received += 1
             ledger.failed += 1
+        metrics.CHUNKS_DROPPED.labels(metrics.modality_label(modality), metrics.reason_label(reason)).inc()
         self._outbound.errors.add(modality=modality, sequence_number=sequence_number, reason=reason, message=message)
         self._wake_writer()
 
@@ -839,9 +874,11 @@ class Session:
                 # into the next one, and the loop checks again before ending.
                 self._outbound = pb.StreamResponse()
                 answered, self._answered_unsent = self._answered_unsent, 0
-                self.write_started_at = time.monotonic()
+                acked, self._acked_unsent = self._acked_unsent, []
+                started = self.write_started_at = time.monotonic()
                 yield outbound
                 self.write_started_at = None
+                self._count_written(outbound, acked, started)
                 if answered:
                     self._release_window(answered)
                 continue
@@ -849,6 +886,27 @@ class Session:
             yield pb.StreamResponse(stream_end=self._totals())
             self.write_started_at = None
             return
+
+    def _count_written(self, message: pb.StreamResponse, acked: list[tuple[Ledger, float]], started: float) -> None:
+        """Record a written message: its write time, its chunks' latency, the stream's first result."""
+        now = time.monotonic()
+        metrics.WRITE.observe(now - started)
+        for ledger, arrived in acked:
+            for slot in ledger.slots:
+                slot.metric_latency.observe(now - arrived)
+        if message.results and not self._first_result_written:
+            self._first_result_written = True
+            metrics.TIME_TO_FIRST_RESULT.observe(now - self.started_at)
+
+    @property
+    def in_flight(self) -> int:
+        """Chunks read and not yet answered in a written message."""
+        return self._in_flight
+
+    @property
+    def waiting_for_window(self) -> bool:
+        """True while the reader waits for window room, so the stream is not read."""
+        return self._waiting_for_window
 
     def _totals(self) -> pb.StreamEnd:
         return pb.StreamEnd(

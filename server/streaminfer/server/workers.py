@@ -5,6 +5,10 @@ uses about one core. ``streaminfer serve --workers N`` starts N processes
 that each load the models and listen on the same port with SO_REUSEPORT.
 The kernel spreads connections, not streams, across them: every stream of
 one channel goes to the same worker, and each worker batches its own streams.
+
+Metrics: the parent process serves ``/metrics``. Workers write their values
+to files in a shared directory (prometheus-client's multiprocess mode, set
+up here through ``PROMETHEUS_MULTIPROC_DIR``) and the page adds them up.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import logging
 import multiprocessing
 import os
 import queue
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -37,10 +43,45 @@ def pick_free_port(host: str) -> int:
 
 
 def worker_config(config: ServerConfig, workers: int) -> ServerConfig:
-    """Return the config each worker runs: a fixed shared port, and torch threads split between workers."""
+    """Return the config each worker runs: a fixed shared port, torch threads split between workers, no metrics port."""
     port = config.port or pick_free_port(config.host)
     torch_threads = config.torch_threads or max(1, ((os.cpu_count() or 1) - 1) // workers)
-    return dataclasses.replace(config, port=port, reuse_port=True, torch_threads=torch_threads)
+    return dataclasses.replace(config, port=port, reuse_port=True, torch_threads=torch_threads, metrics_port=-1)
+
+
+class _SharedMetrics:
+    """The parent's /metrics page over the workers' metric files."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self._owned_directory: str | None = None
+        self._http: Any = None
+        if config.metrics_port < 0:
+            return
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            self._owned_directory = tempfile.mkdtemp(prefix="streaminfer-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._owned_directory
+        # Imported only now: prometheus-client picks its mode at import.
+        from streaminfer.server import metrics
+
+        self._http, self.port = metrics.start_server(config.metrics_host or config.host, config.metrics_port)
+        self.url = f"http://{config.metrics_host or config.host}:{self.port}/metrics"
+
+    @property
+    def active(self) -> bool:
+        return self._http is not None
+
+    def worker_exited(self, pid: int | None) -> None:
+        if self.active and pid is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        if self._owned_directory is not None:
+            shutil.rmtree(self._owned_directory, ignore_errors=True)
 
 
 def _worker_main(config: ServerConfig, index: int, ready: Any, log_level: str, switch_interval: float) -> None:
@@ -66,6 +107,20 @@ def _worker_main(config: ServerConfig, index: int, ready: Any, log_level: str, s
 
 def run_workers(config: ServerConfig, workers: int, log_level: str, switch_interval: float) -> int:
     """Start ``workers`` server processes on one port and wait for them; return the exit status."""
+    try:
+        shared_metrics = _SharedMetrics(config)
+    except OSError as error:
+        print(f"streaminfer: {error}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        return _run_workers(config, workers, log_level, switch_interval, shared_metrics)
+    finally:
+        shared_metrics.close()
+
+
+def _run_workers(
+    config: ServerConfig, workers: int, log_level: str, switch_interval: float, shared_metrics: _SharedMetrics
+) -> int:
     config = worker_config(config, workers)
     context = multiprocessing.get_context("spawn")
     ready = context.Queue()
@@ -110,9 +165,12 @@ def run_workers(config: ServerConfig, workers: int, log_level: str, switch_inter
             break
     if started == workers:
         print(f"streaminfer listening on {config.host}:{config.port} ({workers} workers)", flush=True)
+        if shared_metrics.active:
+            print(f"streaminfer metrics on {shared_metrics.url}", flush=True)
 
     for process in processes:
         process.join()
+        shared_metrics.worker_exited(process.pid)
     codes = [process.exitcode for process in processes]
     logger.info("workers exited with codes %s", codes)
     return 0 if all(code == 0 for code in codes) else 1
