@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import numpy as np
 
 from conftest import MEDIA
 from streamutil import audio_requests, read_wav, run_stream, vad_config
+from streaminfer.server import metrics
 from streaminfer.v1 import streaminfer_pb2 as pb
 from streaminfer.v1 import streaminfer_pb2_grpc as pb_grpc
 
@@ -78,6 +80,19 @@ def test_two_workers_serve_and_stop_on_sigterm() -> None:
         for outcome in outcomes:
             assert outcome.errors == []
             assert outcome.end is not None
+
+        # The parent's page adds up both workers' values.
+        line = server.stdout.readline()
+        match = re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", line)
+        assert match, f"unexpected second line: {line!r}"
+        with urllib.request.urlopen(match.group(1), timeout=10) as response:
+            page = response.read().decode()
+        families = metrics.families_by_name(page)
+        started = families["streaminfer_streams_started"].samples
+        assert sum(sample.value for sample in started if sample.name.endswith("_total")) == 4
+        received = families["streaminfer_chunks_received"].samples
+        chunks = sum(len(outcome.acked[pb.MODALITY_AUDIO]) for outcome in outcomes)
+        assert sum(sample.value for sample in received if sample.name.endswith("_total")) == chunks
 
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0

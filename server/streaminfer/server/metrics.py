@@ -1,9 +1,9 @@
 """Prometheus metrics of a streaminfer process, served on an HTTP ``/metrics`` port.
 
-Every metric is defined here, with a ``streaminfer_`` prefix, base units in
-the name (seconds, bytes, a ratio) and labels of low cardinality: ``model``,
-``modality``, ``reason`` and ``code`` take values from a fixed set, and no
-label carries a stream id or a client address.
+Every metric is defined here, with a ``streaminfer_`` prefix and its base
+unit in the name (seconds, bytes, a ratio). Labels have low cardinality:
+``model``, ``modality``, ``reason`` and ``code`` take values from a fixed set.
+No label carries a stream id or a client address.
 
 Two kinds of updates:
 
@@ -24,7 +24,6 @@ lag). The variable must be set before this module is imported, which
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -52,7 +51,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-# The *_created series double the page for no question anyone asks here.
+# The *_created series would double the page and answer nothing asked here.
 disable_created_metrics()
 
 # Realtime latency: a 32 ms audio chunk should be answered in tens of
@@ -298,15 +297,6 @@ class _Gpus:
             GPU_UTILIZATION.labels(str(index)).set(utilization.gpu / 100.0)
 
 
-@dataclasses.dataclass
-class _RunnerCounts:
-    """The runner counters last exported, to add only what is new."""
-
-    batches_full: int = 0
-    batches_delay: int = 0
-    failed_items: int = 0
-
-
 class Sampler:
     """Sets the sampled gauges from the live server; the load monitor calls ``sample`` every tick it checks."""
 
@@ -315,7 +305,6 @@ class Sampler:
         self._service = service
         self._monitor = monitor
         self._gpus = _Gpus()
-        self._runner_counts = {name: _RunnerCounts() for name in executor.runners}
         self._cpu_seconds = _process_cpu_seconds()
         self._decode_busy = executor.decode.stats.busy_seconds
         self._sampled_at = -float("inf")
@@ -406,7 +395,7 @@ def families_by_name(text: str) -> dict[str, Any]:
 
 
 def exported_names() -> Iterable[str]:
-    """Every sample name this module can export: histograms add _bucket, _sum and _count, counters _total."""
+    """Yield every sample name this module can export: histograms add _bucket, _sum and _count, counters _total."""
     for collector in (
         value for name, value in globals().items() if isinstance(value, (Counter, Gauge, Histogram)) and name.isupper()
     ):
