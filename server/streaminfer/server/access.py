@@ -16,7 +16,7 @@ import logging
 import ssl
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -113,14 +113,20 @@ def _rejecting_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.Rpc
             await anext(aiter(request), None)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
+    async def reject_streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        # An async generator, like the handlers it stands for: tracing's
+        # interceptor iterates streaming handlers with ``async for``.
+        await reject(request, context)
+        yield  # never reached: reject() raises
+
     deserializer = handler.request_deserializer
     serializer = handler.response_serializer
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(reject, deserializer, serializer)
+        return grpc.stream_stream_rpc_method_handler(reject_streaming, deserializer, serializer)
     if handler.request_streaming:
         return grpc.stream_unary_rpc_method_handler(reject, deserializer, serializer)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(reject, deserializer, serializer)
+        return grpc.unary_stream_rpc_method_handler(reject_streaming, deserializer, serializer)
     return grpc.unary_unary_rpc_method_handler(reject, deserializer, serializer)
 
 

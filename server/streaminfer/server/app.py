@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from streaminfer.server import metrics
+from streaminfer.server import metrics, tracing
 from streaminfer.server.access import ApiKeyInterceptor, RateLimiter, load_api_keys, server_credentials
 from streaminfer.server.config import ServerConfig
 from streaminfer.server.executor import Executor
@@ -53,7 +53,9 @@ class StreaminferServer:
         self.rate_limiter = RateLimiter(config.rate_limits, self.api_keys)
         self.executor = Executor(config)
         self.health = health.aio.HealthServicer()
+        self.tracing = tracing.setup(config.tracing.chunk_sample_ratio)
         self.service = InferenceService(self.executor)
+        self.service.tracing = self.tracing
         self.service.rate_limiter = self.rate_limiter
         self.monitor = LoadMonitor(self.executor, self.service, self._set_healthy)
         self.service.projected_wait_s = self.monitor.projected_wait_s
@@ -72,8 +74,14 @@ class StreaminferServer:
         """
         max_message = self.config.limits.max_frame_bytes + _MESSAGE_OVERHEAD_BYTES
         credentials = server_credentials(self.config)
+        interceptors: list[Any] = []
+        if self.tracing is not None:
+            # First, so that rejected calls are traced too.
+            interceptors.append(self.tracing.server_interceptor())
+        if self.api_keys:
+            interceptors.append(ApiKeyInterceptor(self.api_keys))
         self._server = grpc.aio.server(
-            interceptors=[ApiKeyInterceptor(self.api_keys)] if self.api_keys else None,
+            interceptors=interceptors or None,
             options=[
                 ("grpc.max_receive_message_length", max_message),
                 ("grpc.max_send_message_length", max_message),
@@ -181,6 +189,9 @@ class StreaminferServer:
         await self.monitor.aclose()
         await self.executor.aclose()
         self._stop_metrics()
+        if self.tracing is not None:
+            # Sends the spans still buffered.
+            await asyncio.to_thread(self.tracing.shutdown)
         logger.info("streaminfer stopped")
 
     def _stop_metrics(self) -> None:

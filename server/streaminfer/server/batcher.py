@@ -45,6 +45,7 @@ import torch
 from streaminfer.server import metrics
 from streaminfer.server.config import ModelConfig
 from streaminfer.server.models.base import Model, ModelInput, StreamOptions
+from streaminfer.server.tracing import ItemTrace
 from streaminfer.v1 import streaminfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ class WorkItem:
     # Monotonic time after which the result is of no use; inf for none.
     deadline: float = math.inf
     priority: int = PRIORITY_INTERACTIVE
+    # Stage times of a sampled chunk (tracing.ChunkTrace); the worker adds its own.
+    trace: Any = None
     # Set by the owner (on any thread) to drop the item if it has not started.
     cancelled: bool = False
     cancel_message: str = ""
@@ -600,7 +603,13 @@ class ModelRunner:
                 item.error = error
                 failed += 1
         if runnable:
-            self._metric_postprocess.observe(self._clock() - post_started)
+            finished = self._clock()
+            self._metric_postprocess.observe(finished - post_started)
+            for item in runnable:
+                if item.trace is not None:
+                    item.trace.items.append(
+                        ItemTrace(self.config.name, len(runnable), item.enqueued_at, started, started + inference_s, finished)
+                    )
         if failed:
             self.stats.failed_items += failed
             self._metric_failed.inc(failed)

@@ -118,6 +118,14 @@ class AuthConfig:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class TracingConfig:
+    # Tracing itself is turned on by the OpenTelemetry environment variables
+    # (see streaminfer.server.tracing). In a traced stream, this fraction of
+    # the chunks gets a span per stage.
+    chunk_sample_ratio: float = 0.01
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
@@ -134,6 +142,7 @@ class ServerConfig:
     admission: AdmissionConfig = AdmissionConfig()
     rate_limits: RateLimitConfig = RateLimitConfig()
     auth: AuthConfig = AuthConfig()
+    tracing: TracingConfig = TracingConfig()
     # PEM files. With a certificate and key the port speaks TLS only; with a
     # client CA as well, clients must present a certificate it signed.
     tls_cert_file: str = ""
@@ -145,6 +154,8 @@ class ServerConfig:
     # An empty host means the gRPC host.
     metrics_port: int = 9464
     metrics_host: str = ""
+    # A log line per chunk read and answered.
+    log_chunks: bool = False
 
     def resolved_torch_threads(self) -> int:
         if self.torch_threads > 0:
@@ -261,7 +272,7 @@ def model_from_table(table: Mapping[str, Any], index: int) -> ModelConfig:
 
 
 _KNOWN_KEYS = {
-    "": ("server", "limits", "admission", "rate_limits", "auth", "models"),
+    "": ("server", "limits", "admission", "rate_limits", "auth", "tracing", "models"),
     "server": (
         "host",
         "port",
@@ -273,10 +284,12 @@ _KNOWN_KEYS = {
         "drain_grace_s",
         "metrics_port",
         "metrics_host",
+        "log_chunks",
     ),
     "admission": ("max_streams", "max_queue_wait_ms", "retry_pushback_ms", "learn_max_streams"),
     "rate_limits": ("streams_per_second", "stream_burst", "chunks_per_second", "chunk_burst"),
     "auth": ("api_keys", "api_keys_file"),
+    "tracing": ("chunk_sample_ratio",),
     "limits": (
         "max_audio_chunk_bytes",
         "max_frame_bytes",
@@ -325,7 +338,7 @@ def config_from_mapping(data: Mapping[str, Any]) -> ServerConfig:
     limits_table = data.get("limits", {})
     _check_keys(limits_table, "limits", "[limits]")
     tables = {}
-    for section in ("admission", "rate_limits", "auth"):
+    for section in ("admission", "rate_limits", "auth", "tracing"):
         tables[section] = data.get(section, {})
         _check_keys(tables[section], section, f"[{section}]")
     models_list = data.get("models", [])
@@ -385,6 +398,12 @@ def config_from_mapping(data: Mapping[str, Any]) -> ServerConfig:
         f"auth.api_keys = {api_keys!r} is invalid: expected a list of non-empty strings",
     )
     auth = AuthConfig(api_keys=tuple(key.strip() for key in api_keys), api_keys_file=_string(auth_table, "api_keys_file", "auth"))
+    ratio = tables["tracing"].get("chunk_sample_ratio", TracingConfig().chunk_sample_ratio)
+    _require(
+        isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 <= ratio <= 1,
+        f"tracing.chunk_sample_ratio = {ratio!r} is invalid: expected a fraction from 0 to 1",
+    )
+    tracing = TracingConfig(chunk_sample_ratio=float(ratio))
     models = tuple(model_from_table(table, i) for i, table in enumerate(models_list))
     names = [model.name for model in models]
     duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -417,6 +436,7 @@ def config_from_mapping(data: Mapping[str, Any]) -> ServerConfig:
         port=port,
         metrics_port=metrics_port,
         metrics_host=_string(server, "metrics_host", "server"),
+        log_chunks=_boolean(server, "log_chunks", False, "server"),
         decode_threads=_positive_int(server, "decode_threads", 2, "server"),
         torch_threads=torch_threads,
         models=models,
@@ -424,6 +444,7 @@ def config_from_mapping(data: Mapping[str, Any]) -> ServerConfig:
         admission=admission,
         rate_limits=rate_limits,
         auth=auth,
+        tracing=tracing,
         drain_grace_s=_non_negative(server, "drain_grace_s", 20.0, "server", "seconds"),
         **tls,
     )

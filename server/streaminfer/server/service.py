@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from streaminfer.server import metrics
+from streaminfer.server import logs, metrics
 from streaminfer.server.batcher import ItemDropped, ModelRunner, QueueFull, WorkItem
 from streaminfer.server.errors import StreaminferError
 from streaminfer.server.executor import Executor
@@ -64,6 +64,8 @@ _END_STATUS = {
 }
 
 
+SERVICE_METHOD_STREAM = f"/{pb.DESCRIPTOR.services_by_name['InferenceService'].full_name}/Stream"
+
 # Rejected streams are logged in one line per this many seconds at most.
 REJECTION_LOG_INTERVAL_S = 1.0
 
@@ -89,6 +91,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         self.projected_wait_s: Callable[[], float] = lambda: 0.0
         self.learned_max_streams: Callable[[], int | None] = lambda: None
         self.rate_limiter: Any = None
+        # Set by the server when tracing is on.
+        self.tracing: Any = None
         self.unhealthy_models: set[str] = set()
         self.rejected = collections.Counter[str]()
         self._rejections_unlogged = 0
@@ -170,8 +174,33 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
     async def Stream(
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamResponse]:
-        # Written as an async generator: OpenTelemetry's grpc instrumentation
-        # wraps streaming handlers that way, and context.write() breaks it.
+        if self.tracing is None:
+            async for response in self._stream(request_iterator, context, None):
+                yield response
+            return
+        span = self.tracing.start_stream_span(SERVICE_METHOD_STREAM, context.invocation_metadata(), context.peer())
+        code, message = "OK", ""
+        try:
+            async for response in self._stream(request_iterator, context, span):
+                yield response
+        except grpc.aio.AbortError:
+            code = context.code().name if context.code() is not None else "UNKNOWN"
+            message = context.details() or ""
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        except Exception as error:
+            code, message = "UNKNOWN", f"{type(error).__name__}: {error}"
+            raise
+        finally:
+            self.tracing.end_stream_span(span, code, message)
+
+    async def _stream(
+        self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext, span: Any
+    ) -> AsyncIterator[pb.StreamResponse]:
+        # Written as an async generator, not with context.write(), so that
+        # interceptors that wrap streaming handlers work with it.
         try:
             first = await anext(aiter(request_iterator), None)
         except DecodeError as error:
@@ -206,9 +235,13 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         except StreaminferError as error:
             await context.abort(error.code, str(error))
 
+        if span is not None:
+            session.trace_with(self.tracing, self.tracing.context_of(span))
         if client_key is not None and self._executor.config.rate_limits.chunks_per_second > 0:
             session.admit_chunk = functools.partial(self.rate_limiter.admit_chunk, client_key)
         self.active_sessions[session] = context
+        # This task's log lines, and its reader's, carry the stream id.
+        logs.STREAM_ID.set(session.stream_id)
         metrics.STREAMS_STARTED.inc()
         session.handler_task = asyncio.current_task()
         logger.info(

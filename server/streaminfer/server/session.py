@@ -41,6 +41,7 @@ import enum
 import functools
 import logging
 import math
+import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -50,11 +51,12 @@ import grpc
 from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError
 
-from streaminfer.server import metrics
+from streaminfer.server import logs, metrics
 from streaminfer.server.batcher import PRIORITY_BULK, PRIORITY_INTERACTIVE, ItemDropped, ModelRunner, QueueFull, WorkItem
 from streaminfer.server.decode import TextDecoder, decode_audio, decode_image
 from streaminfer.server.errors import ChunkRejected, FailedPrecondition, InvalidArgument, NotFound, StreaminferError
 from streaminfer.server.models.base import DecodedChunk, ModelInput, StreamOptions
+from streaminfer.server.tracing import ChunkTrace
 from streaminfer.v1 import streaminfer_pb2 as pb
 
 if TYPE_CHECKING:
@@ -239,6 +241,18 @@ class Session:
         # Called for each chunk read; returns False when the client's key is
         # over its chunk rate.
         self.admit_chunk: Callable[[], bool] | None = None
+        # Tracing: the call span's context when it records, and the sampled
+        # chunks not answered yet, by (modality, sequence number).
+        self._tracing: Any = None
+        self._trace_parent: Any = None
+        self._traces: dict[tuple[int, int], ChunkTrace] = {}
+        self._log_chunks = executor.config.log_chunks
+
+    def trace_with(self, tracing: Any, parent: Any) -> None:
+        """Give a sample of this stream's chunks stage spans under ``parent``, the call span's context."""
+        if parent is not None and tracing.chunk_sample_ratio > 0:
+            self._tracing = tracing
+            self._trace_parent = parent
 
     # -- config -------------------------------------------------------------
 
@@ -473,6 +487,15 @@ class Session:
         ticket = None
         if modality == pb.MODALITY_VIDEO and self._keep_latest_video:
             ticket = self._admit_frame(sequence_number)
+        if self._log_chunks:
+            logger.info(
+                "stream %s: %s chunk %d read, %d bytes", self.stream_id, field, sequence_number, len(content_of(chunk)),
+                extra=logs.EVERY_TIME,
+            )
+        trace = None
+        if self._trace_parent is not None and random.random() < self._tracing.chunk_sample_ratio:
+            trace = ChunkTrace(metrics.modality_label(modality), sequence_number, arrived)
+            self._traces[(modality, sequence_number)] = trace
 
         # 4. Decode, preprocess and queue for the models on this stream's
         # decode thread, so the loop goes on reading.
@@ -482,7 +505,9 @@ class Session:
         )
         self._executor.decode.submit(
             self._lane,
-            functools.partial(self._decode_job, ledger, content, sequence_number, client_time, arrived, deadline, ticket),
+            functools.partial(
+                self._decode_job, ledger, content, sequence_number, client_time, arrived, deadline, ticket, trace
+            ),
         )
 
     def _deadline(self, now: float) -> float:
@@ -549,6 +574,7 @@ class Session:
         arrived: float,
         deadline: float,
         ticket: FrameTicket | None,
+        trace: ChunkTrace | None,
     ) -> None:
         """Decode one chunk and queue its model inputs. Runs on the stream's decode thread."""
         if self.closed:
@@ -569,8 +595,11 @@ class Session:
             self._call_on_loop(self._fail_chunks, ledger, [sequence_number], rejection.reason, rejection.message)
             return
         finally:
-            metrics.DECODE.labels(modality).observe(time.monotonic() - started)
-        self._submit(ledger, prepared, deadline, ticket)
+            ended = time.monotonic()
+            metrics.DECODE.labels(modality).observe(ended - started)
+            if trace is not None:
+                trace.decode_started, trace.decode_ended = started, ended
+        self._submit(ledger, prepared, deadline, ticket, trace)
 
     def _flush_job_for(self, ends_input: bool, modality: int = pb.MODALITY_UNSPECIFIED) -> Callable[[], None]:
         """Return a decode job that flushes the chunks received so far, of one modality or all.
@@ -676,6 +705,7 @@ class Session:
         prepared: Iterable[tuple[ModelSlot, list[ModelInput]]],
         deadline: float,
         ticket: FrameTicket | None = None,
+        trace: ChunkTrace | None = None,
     ) -> None:
         """Queue model inputs on their runners. Runs on the stream's decode thread.
 
@@ -698,6 +728,7 @@ class Session:
                         preprocess_state=slot.preprocess_state,
                         deadline=deadline,
                         priority=self.priority,
+                        trace=trace,
                     )
                 )
             if ticket is not None:
@@ -787,6 +818,13 @@ class Session:
             self._acked_unsent.append((ledger, ledger.arrivals.pop(sequence_number)))
             ledger.acked += 1
             acked += 1
+            if self._log_chunks:
+                logger.info(
+                    "stream %s: %s chunk %d acked", self.stream_id, _MODALITY_NAMES[ledger.modality], sequence_number,
+                    extra=logs.EVERY_TIME,
+                )
+            if self._traces:
+                self._emit_trace(ledger.modality, sequence_number)
             # A range joins consecutive numbers only: a number between two
             # acked chunks may belong to a chunk rejected before the ledger.
             if ack is None or sequence_number != ack.last_sequence_number + 1:
@@ -808,6 +846,13 @@ class Session:
             ledger.arrivals.pop(sequence_number, None)
             ledger.failed += 1
             failed += 1
+            if self._log_chunks:
+                logger.info(
+                    "stream %s: %s chunk %d failed: %s", self.stream_id, _MODALITY_NAMES[ledger.modality], sequence_number,
+                    message, extra=logs.EVERY_TIME,
+                )
+            if self._traces:
+                self._emit_trace(ledger.modality, sequence_number, metrics.reason_label(reason))
             self._answered(ledger.modality, sequence_number)
             self._outbound.errors.add(
                 modality=ledger.modality, sequence_number=sequence_number, reason=reason, message=message, model=model
@@ -817,6 +862,16 @@ class Session:
         self._acknowledge(ledger)
         self._wake_writer()
 
+    def _emit_trace(self, modality: int, sequence_number: int, error: str | None = None) -> None:
+        trace = self._traces.pop((modality, sequence_number), None)
+        if trace is None:
+            return
+        try:
+            self._tracing.emit(self._trace_parent, trace, self.stream_id, time.monotonic(), error)
+        except Exception:
+            # Tracing must never cost a chunk its answer.
+            logger.exception("stream %s: recording the spans of chunk %d failed", self.stream_id, sequence_number)
+
     def _add_error(self, modality: int, sequence_number: int, reason: int, message: str) -> None:
         """Report a chunk that never entered the ledger as failed. It keeps its window place until written."""
         self._answered_unsent += 1
@@ -825,6 +880,11 @@ class Session:
             ledger.received += 1
             ledger.failed += 1
         metrics.CHUNKS_DROPPED.labels(metrics.modality_label(modality), metrics.reason_label(reason)).inc()
+        if self._log_chunks:
+            logger.info(
+                "stream %s: %s chunk %d failed: %s", self.stream_id, _MODALITY_NAMES.get(modality, "?"), sequence_number,
+                message, extra=logs.EVERY_TIME,
+            )
         self._outbound.errors.add(modality=modality, sequence_number=sequence_number, reason=reason, message=message)
         self._wake_writer()
 
@@ -938,6 +998,15 @@ class Session:
                 slot.preprocess_state = None
                 slot.inference_state = None
         self._window_open.set()
+
+
+def content_of(chunk: Any) -> bytes | str:
+    """Return the media bytes (or text) of an AudioChunk, VideoFrame or TextChunk."""
+    if isinstance(chunk, pb.AudioChunk):
+        return chunk.audio_content
+    if isinstance(chunk, pb.VideoFrame):
+        return chunk.image_content
+    return chunk.text
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:

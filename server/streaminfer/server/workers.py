@@ -27,6 +27,7 @@ import time
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from streaminfer.server import logs
 from streaminfer.server.config import ServerConfig
 
 logger = logging.getLogger(__name__)
@@ -84,15 +85,15 @@ class _SharedMetrics:
             shutil.rmtree(self._owned_directory, ignore_errors=True)
 
 
-def _worker_main(config: ServerConfig, index: int, ready: Any, log_level: str, switch_interval: float) -> None:
+def _worker_main(
+    config: ServerConfig, index: int, ready: Any, log_level: str, switch_interval: float, log_format: str = "text"
+) -> None:
     import uvloop
 
     from streaminfer.server.app import BindError, serve
     from streaminfer.server.config import ConfigError
 
-    logging.basicConfig(
-        level=log_level, format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s"
-    )
+    logs.configure(log_level, log_format, worker=index)
     sys.setswitchinterval(switch_interval)
     try:
         # Ctrl-C reaches the whole process group; the parent forwards it as
@@ -105,7 +106,9 @@ def _worker_main(config: ServerConfig, index: int, ready: Any, log_level: str, s
     sys.exit(code)
 
 
-def run_workers(config: ServerConfig, workers: int, log_level: str, switch_interval: float) -> int:
+def run_workers(
+    config: ServerConfig, workers: int, log_level: str, switch_interval: float, log_format: str = "text"
+) -> int:
     """Start ``workers`` server processes on one port and wait for them; return the exit status."""
     try:
         shared_metrics = _SharedMetrics(config)
@@ -113,13 +116,18 @@ def run_workers(config: ServerConfig, workers: int, log_level: str, switch_inter
         print(f"streaminfer: {error}", file=sys.stderr, flush=True)
         return 2
     try:
-        return _run_workers(config, workers, log_level, switch_interval, shared_metrics)
+        return _run_workers(config, workers, log_level, switch_interval, shared_metrics, log_format)
     finally:
         shared_metrics.close()
 
 
 def _run_workers(
-    config: ServerConfig, workers: int, log_level: str, switch_interval: float, shared_metrics: _SharedMetrics
+    config: ServerConfig,
+    workers: int,
+    log_level: str,
+    switch_interval: float,
+    shared_metrics: _SharedMetrics,
+    log_format: str,
 ) -> int:
     config = worker_config(config, workers)
     context = multiprocessing.get_context("spawn")
@@ -127,7 +135,7 @@ def _run_workers(
     processes: list[BaseProcess] = [
         context.Process(
             target=_worker_main,
-            args=(config, index, ready, log_level, switch_interval),
+            args=(config, index, ready, log_level, switch_interval, log_format),
             name=f"streaminfer-worker-{index}",
         )
         for index in range(workers)
