@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 import subprocess
 import sys
 import time
@@ -188,10 +189,34 @@ def test_busy_metrics_port_fails_at_start() -> None:
     assert "--metrics-port" in result.stderr
 
 
-def test_metrics_off() -> None:
-    config = dataclasses.replace(loopback_config(), metrics_port=-1)
-    thread = ServerThread(config).start()
+def test_metrics_off(tmp_path) -> None:
+    # A process of its own: turning metrics off turns them off for the whole process.
+    config = tmp_path / "server.toml"
+    config.write_text('[[models]]\nname = "silero_vad"\n')
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streaminfer.server.cli", "serve", "--config", str(config), "--port", "0",
+         "--metrics-port", "-1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        assert thread.server.metrics_port is None
+        assert server.stdout is not None
+        assert "listening on" in server.stdout.readline()
+        server.send_signal(signal.SIGTERM)
+        stdout, stderr = server.communicate(timeout=60)
     finally:
-        thread.stop()
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=30)
+    assert server.returncode == 0
+    assert "metrics on" not in stdout
+    assert "metrics off" in stderr
+
+
+def test_disabled_metrics_ignore_updates() -> None:
+    off = metrics._Off()
+    off.labels("a", "b").inc()
+    off.labels("a").observe(1.0)
+    off.set(3)
+    assert off.labels() is off

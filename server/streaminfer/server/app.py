@@ -105,6 +105,10 @@ class StreaminferServer:
                 f"cannot listen on {address}: {error}; the port may be in use or the host not local. "
                 "Pick another with --port (0 picks a free one) or --host"
             ) from error
+        if self.config.metrics_port < 0 and not metrics.MULTIPROCESS:
+            # Off means not recorded either. A worker's parent serves its
+            # metrics (multiprocess mode), so a worker records them.
+            metrics.disable()
         if self.config.metrics_port >= 0:
             try:
                 self._metrics_server, self.metrics_port = metrics.start_server(
@@ -234,17 +238,17 @@ async def serve(
     """
     server = StreaminferServer(config)
     await server.start()
+    # Handlers first: whoever reads the ready line may send SIGTERM at once.
+    received = asyncio.Queue[int]()
+    loop = asyncio.get_running_loop()
+    for signum in signals:
+        loop.add_signal_handler(signum, received.put_nowait, signum)
     if on_ready is None:
         print(f"streaminfer listening on {config.host}:{server.port}", flush=True)
         if server.metrics_port is not None:
             print(f"streaminfer metrics on http://{config.metrics_host or config.host}:{server.metrics_port}/metrics", flush=True)
     else:
         on_ready(server.port)
-
-    received = asyncio.Queue[int]()
-    loop = asyncio.get_running_loop()
-    for signum in signals:
-        loop.add_signal_handler(signum, received.put_nowait, signum)
     signum = await received.get()
     logger.info("%s received; draining for up to %.1f s", signal.Signals(signum).name, config.drain_grace_s)
     drain = asyncio.create_task(server.drain(config.drain_grace_s))

@@ -253,6 +253,34 @@ GPU_UTILIZATION = Gauge(
 )
 
 
+class _Off:
+    """Stands in for every metric when metrics are off: each update is a no-op."""
+
+    def labels(self, *values: str) -> _Off:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def observe(self, value: float) -> None:
+        pass
+
+
+def disable() -> None:
+    """Turn every update into a no-op for the rest of the process (``metrics_port = -1``).
+
+    Call it before the executor starts: runners and streams keep the metric
+    objects they look up when they are made.
+    """
+    off = _Off()
+    for name, value in list(globals().items()):
+        if name.isupper() and isinstance(value, (Counter, Gauge, Histogram)):
+            globals()[name] = off
+
+
 def reason_label(reason: int) -> str:
     """Return the label of a ChunkErrorReason: CHUNK_ERROR_REASON_DEADLINE -> deadline."""
     try:
