@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 
+from streaminfer.server import logs
 from streaminfer.server.config import ConfigError, default_config_text, load_config
 
 
@@ -19,6 +19,7 @@ def _serve(options: argparse.Namespace) -> int:
         "torch_threads": options.torch_threads,
         "drain_grace_s": options.grace,
         "metrics_port": options.metrics_port,
+        "log_chunks": options.log_chunks or None,
     }
     try:
         config = load_config(options.config, overrides)
@@ -36,7 +37,7 @@ def _serve(options: argparse.Namespace) -> int:
     if options.workers > 1:
         from streaminfer.server.workers import run_workers
 
-        return run_workers(config, options.workers, options.log_level, switch_interval)
+        return run_workers(config, options.workers, options.log_level, switch_interval, options.log_format)
 
     import uvloop
 
@@ -50,10 +51,23 @@ def _serve(options: argparse.Namespace) -> int:
         return 2
 
 
+def _diagnose(options: argparse.Namespace) -> int:
+    from streaminfer.server.diagnose import run
+
+    return run(options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streaminfer", description="Realtime multi-modal inference server over gRPC.")
     parser.add_argument(
         "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level (default: INFO)"
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=logs.FORMATS,
+        help="log lines on stderr as text, or as one JSON object per line with time, level, logger, message and "
+        "stream_id (default: text)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -68,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--decode-threads", type=int, help="threads decoding and preprocessing chunks (default: 2)")
     serve.add_argument(
         "--torch-threads", type=int, help="intra-op threads per inference worker; 0 means cores minus one (default: 0)"
+    )
+    serve.add_argument(
+        "--log-chunks",
+        action="store_true",
+        help="log a line for every chunk read and every chunk answered; for debugging one stream, not for load "
+        "(default: off, or server.log_chunks)",
     )
     serve.add_argument(
         "--metrics-port",
@@ -90,12 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("config", help="print the built-in default config (TOML)")
     show.set_defaults(handler=lambda options: print(default_config_text(), end="") or 0)
+
+    from streaminfer.server.diagnose import DESCRIPTION, add_arguments
+
+    diagnose = commands.add_parser(
+        "diagnose", help="find where a running server's latency goes, from its /metrics page", description=DESCRIPTION
+    )
+    add_arguments(diagnose)
+    diagnose.set_defaults(handler=_diagnose)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
-    logging.basicConfig(level=options.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(options.log_level, options.log_format)
     return options.handler(options)
 
 
