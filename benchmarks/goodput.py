@@ -361,11 +361,12 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(path: pathlib.Path, section: str) -> None:
+def write_markdown(path: pathlib.Path, section: str, start: str = SECTION_START, end: str = SECTION_END) -> None:
+    """Replace the part of ``path`` between the ``start`` and ``end`` markers with ``section``, or append it."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION_START in text:
-        before, rest = text.split(SECTION_START, 1)
-        after = rest.split(SECTION_END, 1)[1]
+    if start in text:
+        before, rest = text.split(start, 1)
+        after = rest.split(end, 1)[1]
         text = before + section + after
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -333,7 +334,6 @@ class Sampler:
         self._service = service
         self._monitor = monitor
         self._gpus = _Gpus()
-        self._cpu_seconds = _process_cpu_seconds()
         self._decode_busy = executor.decode.stats.busy_seconds
         self._sampled_at = -float("inf")
         CPU_CORES.set(os.cpu_count() or 1)
@@ -371,12 +371,23 @@ class Sampler:
         DECODE_BUSY.inc(max(0.0, busy - self._decode_busy))
         self._decode_busy = busy
 
-        cpu = _process_cpu_seconds()
-        PROCESS_CPU.inc(max(0.0, cpu - self._cpu_seconds))
-        self._cpu_seconds = cpu
+        _count_process_cpu()
         PROCESS_MEMORY.set(_resident_memory_bytes())
         if self._gpus.active:
             self._gpus.sample()
+
+
+# Process CPU time already counted: one baseline for the process, so that two
+# servers in one process (as in tests) do not count it twice.
+_cpu_counted = [0.0]
+_cpu_lock = threading.Lock()
+
+
+def _count_process_cpu() -> None:
+    with _cpu_lock:
+        cpu = _process_cpu_seconds()
+        PROCESS_CPU.inc(max(0.0, cpu - _cpu_counted[0]))
+        _cpu_counted[0] = max(cpu, _cpu_counted[0])
 
 
 def _process_cpu_seconds() -> float:

@@ -144,6 +144,18 @@ class Ledger:
     failed: int = 0
     # When each pending chunk was read, for its latency.
     arrivals: dict[int, float] = dataclasses.field(default_factory=dict)
+    # This modality's metrics, looked up once.
+    metric_received: Any = None
+    metric_processed: Any = None
+    metric_decode_wait: Any = None
+    metric_decode: Any = None
+
+    def __post_init__(self) -> None:
+        modality = metrics.modality_label(self.modality)
+        self.metric_received = metrics.CHUNKS_RECEIVED.labels(modality)
+        self.metric_processed = metrics.CHUNKS_PROCESSED.labels(modality)
+        self.metric_decode_wait = metrics.DECODE_WAIT.labels(modality)
+        self.metric_decode = metrics.DECODE.labels(modality)
 
 
 class Session:
@@ -414,7 +426,10 @@ class Session:
         field = _MODALITY_NAMES[modality]
         sequence_number = chunk.sequence_number
         ledger = self._ledgers.get(modality)
-        metrics.CHUNKS_RECEIVED.labels(metrics.modality_label(modality)).inc()
+        if ledger is not None:
+            ledger.metric_received.inc()
+        else:
+            metrics.CHUNKS_RECEIVED.labels(metrics.modality_label(modality)).inc()
 
         # 1. Wait for room in the window. While waiting, this stream is not
         # read. Every chunk takes a place until its answer is written, a
@@ -583,8 +598,7 @@ class Session:
             self._call_on_loop(self._fail_chunks, ledger, [sequence_number], pb.CHUNK_ERROR_REASON_OVERFLOW, ticket.message)
             return
         started = time.monotonic()
-        modality = metrics.modality_label(ledger.modality)
-        metrics.DECODE_WAIT.labels(modality).observe(started - arrived)
+        ledger.metric_decode_wait.observe(started - arrived)
         if started > deadline:
             # Stateful preprocessing still receives the chunk below, so the
             # stream's audio timeline stays whole. Only inference is skipped.
@@ -596,7 +610,7 @@ class Session:
             return
         finally:
             ended = time.monotonic()
-            metrics.DECODE.labels(modality).observe(ended - started)
+            ledger.metric_decode.observe(ended - started)
             if trace is not None:
                 trace.decode_started, trace.decode_ended = started, ended
         self._submit(ledger, prepared, deadline, ticket, trace)
@@ -831,7 +845,7 @@ class Session:
                 ack = self._outbound.acks.add(modality=ledger.modality, first_sequence_number=sequence_number)
             ack.last_sequence_number = sequence_number
         if acked:
-            metrics.CHUNKS_PROCESSED.labels(metrics.modality_label(ledger.modality)).inc(acked)
+            ledger.metric_processed.inc(acked)
 
     def _fail_chunks(
         self, ledger: Ledger, sequence_numbers: Iterable[int], reason: int, message: str, model: str = ""
