@@ -6,11 +6,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test protos lint-proto bench bench-vad bench-goodput clean
+.PHONY: help install demo test monitoring-tools protos lint-proto bench bench-vad bench-goodput clean
 
 help:
 	@echo "make demo        install, start the server, stream the sample media, print results"
 	@echo "make test        install the dev dependencies and run the whole test suite"
+	@echo "make monitoring-tools  install promtool and prometheus (Debian package) for tests/monitoring"
 	@echo "make bench       run the benchmarks and write BENCHMARKS.md (about 12 minutes)"
 	@echo "make bench-vad   real-time VAD streams, served against raw model throughput"
 	@echo "make bench-goodput  goodput against offered load, admission control on and off"
@@ -32,7 +33,17 @@ node_modules/.bin/buf: package.json
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-test: $(STAMP) node_modules/.bin/buf
+# tests/monitoring runs promtool and a real Prometheus, both from Debian's
+# prometheus package; apt-get needs root, so others go through sudo.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+monitoring-tools:
+	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then :; else \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; \
+	fi
+
+test: $(STAMP) node_modules/.bin/buf monitoring-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 protos: $(STAMP)

@@ -28,8 +28,8 @@ class BatchingConfig:
     max_batch_size: int = 64
     # Counted from the arrival of the first item of the batch, milliseconds.
     max_queue_delay_ms: float = 5.0
-    # Items waiting for this model, across all streams. A full queue makes
-    # the submitting streams wait (backpressure) instead of growing memory.
+    # Items waiting for this model, across all streams. A chunk that finds
+    # the queue full fails at once with OVERFLOW, instead of memory growing.
     max_queue_size: int = 4096
 
 
