@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test monitoring-tools protos lint-proto bench bench-vad bench-goodput clean
+.PHONY: help install demo test monitoring-tools protos lint-proto bench bench-vad bench-goodput bench-observability clean
 
 help:
 	@echo "make demo        install, start the server, stream the sample media, print results"
@@ -15,6 +15,7 @@ help:
 	@echo "make bench       run the benchmarks and write BENCHMARKS.md (about 12 minutes)"
 	@echo "make bench-vad   real-time VAD streams, served against raw model throughput"
 	@echo "make bench-goodput  goodput against offered load, admission control on and off"
+	@echo "make bench-observability  throughput and latency with metrics and tracing on and off"
 	@echo "make protos      regenerate the Python code under client_sdk/streaminfer/v1"
 	@echo "make lint-proto  run buf lint on protos/"
 
@@ -52,13 +53,16 @@ protos: $(STAMP)
 lint-proto: node_modules/.bin/buf
 	node_modules/.bin/buf lint
 
-bench: bench-vad bench-goodput
+bench: bench-vad bench-goodput bench-observability
 
 bench-vad: $(STAMP)
 	$(BIN)/python benchmarks/vad_streams.py
 
 bench-goodput: $(STAMP)
 	$(BIN)/python benchmarks/goodput.py
+
+bench-observability: $(STAMP)
+	$(BIN)/python benchmarks/observability_cost.py
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache

@@ -89,6 +89,11 @@ def test_metrics_follow_a_stream(server) -> None:
     assert max_batch == 256
     assert fill_sum == pytest.approx(size_sum / max_batch)
     assert delta(after, before, "streaminfer_time_to_first_result_seconds_count") == 1
+    # The 48 kHz resampling kernel is made at load time, so the stream finds it cached.
+    assert rate == 48_000
+    cache = {"model": "silero_vad", "cache": "resampler_kernel"}
+    assert delta(after, before, "streaminfer_cache_requests_total", **cache, result="hit") == 1
+    assert delta(after, before, "streaminfer_cache_requests_total", **cache, result="miss") == 0
     assert delta(after, before, "streaminfer_write_seconds_count") >= 1
 
 
@@ -220,3 +225,29 @@ def test_disabled_metrics_ignore_updates() -> None:
     off.labels("a").observe(1.0)
     off.set(3)
     assert off.labels() is off
+
+
+def test_batched_histogram_matches_observe() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    registry = CollectorRegistry()
+    bounds = (0.001, 0.01, 0.1, 1.0)
+    direct = Histogram("direct_seconds", "d", ["model"], buckets=bounds, registry=registry)
+    batched = metrics.BatchedHistogram(Histogram("batched_seconds", "b", ["model"], buckets=bounds, registry=registry))
+    # Values on the bounds belong to the bucket of that bound (le is inclusive).
+    values = [0.0, 0.0005, 0.001, 0.002, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 30.0]
+    recorder = batched.labels("m")
+    for value in values:
+        direct.labels("m").observe(value)
+        recorder.observe(value)
+    metrics.flush()
+    recorder.observe(0.003)
+    direct.labels("m").observe(0.003)
+    metrics.flush()
+
+    def page(name: str) -> dict:
+        family = next(family for family in registry.collect() if family.name == name)
+        return {(sample.name.removeprefix(name), sample.labels.get("le")): sample.value for sample in family.samples}
+
+    assert page("batched_seconds") == page("direct_seconds")
+    assert page("batched_seconds")[("_count", None)] == len(values) + 1

@@ -123,6 +123,8 @@ def exported_labels() -> dict[str, frozenset[str]]:
     """Map every sample name the server exports to the labels it can carry once scraped."""
     labels: dict[str, frozenset[str]] = {}
     for collector in vars(metrics).values():
+        if isinstance(collector, metrics.BatchedHistogram):
+            collector = collector.histogram
         if not isinstance(collector, (Counter, Gauge, Histogram)):
             continue
         # prometheus_client keeps a metric's label names in _labelnames.

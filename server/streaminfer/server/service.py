@@ -174,15 +174,103 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
     async def Stream(
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamResponse]:
-        if self.tracing is None:
-            async for response in self._stream(request_iterator, context, None):
-                yield response
-            return
-        span = self.tracing.start_stream_span(SERVICE_METHOD_STREAM, context.invocation_metadata(), context.peer())
+        # The call's span, when tracing is on, is made here rather than by an
+        # interceptor (see streaminfer.server.tracing).
+        span = None
+        if self.tracing is not None:
+            span = self.tracing.start_stream_span(SERVICE_METHOD_STREAM, context.invocation_metadata(), context.peer())
         code, message = "OK", ""
         try:
-            async for response in self._stream(request_iterator, context, span):
-                yield response
+            # Written as an async generator, not with context.write(), so that
+            # interceptors that wrap streaming handlers work with it.
+            try:
+                first = await anext(aiter(request_iterator), None)
+            except DecodeError as error:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the first StreamRequest could not be parsed ({error}); send StreamConfig built from the streaminfer.v1 proto",
+                )
+            # Admission comes after the config is read: a client whose write is
+            # still under way when the status arrives would see INTERNAL instead.
+            try:
+                client_key = self._admit(context)
+            except Rejection as rejection:
+                self.rejected[rejection.code.name] += 1
+                metrics.STREAMS_REJECTED.labels(rejection.reason).inc()
+                self._log_rejection(rejection)
+                if rejection.pushback_ms is not None:
+                    context.set_trailing_metadata((("grpc-retry-pushback-ms", str(rejection.pushback_ms)),))
+                await context.abort(rejection.code, rejection.message)
+            if first is None:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "the stream ended before its first message; send a StreamRequest with config first",
+                )
+            kind = first.WhichOneof("request")
+            if kind != "config":
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the first StreamRequest must carry config, got {kind or 'an empty message'}; send StreamConfig first",
+                )
+            try:
+                session = Session(self._executor, first.config, context.peer())
+            except StreaminferError as error:
+                await context.abort(error.code, str(error))
+
+            if span is not None:
+                session.trace_with(self.tracing, self.tracing.context_of(span))
+            if client_key is not None and self._executor.config.rate_limits.chunks_per_second > 0:
+                session.admit_chunk = functools.partial(self.rate_limiter.admit_chunk, client_key)
+            self.active_sessions[session] = context
+            # This task's log lines, and its reader's, carry the stream id.
+            logs.STREAM_ID.set(session.stream_id)
+            metrics.STREAMS_STARTED.inc()
+            session.handler_task = asyncio.current_task()
+            logger.info(
+                "stream %s started: peer %s, models %s, label %r",
+                session.stream_id,
+                context.peer(),
+                ",".join(model.model for model in first.config.models),
+                first.config.label,
+            )
+            session.start_reading(request_iterator)
+            outcome = "OK"
+            try:
+                yield session.accepted_message()
+                async for response in session.responses():
+                    yield response
+                if session.failure is not None and not session.aborting:
+                    outcome = session.failure.code.name
+                    await context.abort(session.failure.code, str(session.failure))
+                if session.end_reason in _END_STATUS:
+                    code, template = _END_STATUS[session.end_reason]
+                    limits = self._executor.config.limits
+                    outcome = code.name
+                    await context.abort(
+                        code, template.format(max_duration=limits.max_stream_duration_s, idle=limits.idle_timeout_s)
+                    )
+            except asyncio.CancelledError:
+                # The call's deadline passed, the client cancelled or went away,
+                # or the server gave up on a client that stopped reading.
+                if session.aborting:
+                    outcome = "RESOURCE_EXHAUSTED"
+                else:
+                    remaining = context.time_remaining()
+                    outcome = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+                raise
+            except GeneratorExit:
+                outcome = "RESOURCE_EXHAUSTED" if session.aborting else "CANCELLED"
+                raise
+            finally:
+                session.close()
+                self.active_sessions.pop(session, None)
+                metrics.STREAMS_ENDED.labels(outcome).inc()
+                if session.end_reason in _END_STATUS:
+                    logger.info(
+                        "stream %s ended: %s (%s)", session.stream_id, outcome, pb.StreamEndReason.Name(session.end_reason)
+                    )
+                else:
+                    logger.info("stream %s ended: %s", session.stream_id, outcome)
         except grpc.aio.AbortError:
             code = context.code().name if context.code() is not None else "UNKNOWN"
             message = context.details() or ""
@@ -194,101 +282,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             code, message = "UNKNOWN", f"{type(error).__name__}: {error}"
             raise
         finally:
-            self.tracing.end_stream_span(span, code, message)
-
-    async def _stream(
-        self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext, span: Any
-    ) -> AsyncIterator[pb.StreamResponse]:
-        # Written as an async generator, not with context.write(), so that
-        # interceptors that wrap streaming handlers work with it.
-        try:
-            first = await anext(aiter(request_iterator), None)
-        except DecodeError as error:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"the first StreamRequest could not be parsed ({error}); send StreamConfig built from the streaminfer.v1 proto",
-            )
-        # Admission comes after the config is read: a client whose write is
-        # still under way when the status arrives would see INTERNAL instead.
-        try:
-            client_key = self._admit(context)
-        except Rejection as rejection:
-            self.rejected[rejection.code.name] += 1
-            metrics.STREAMS_REJECTED.labels(rejection.reason).inc()
-            self._log_rejection(rejection)
-            if rejection.pushback_ms is not None:
-                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(rejection.pushback_ms)),))
-            await context.abort(rejection.code, rejection.message)
-        if first is None:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "the stream ended before its first message; send a StreamRequest with config first",
-            )
-        kind = first.WhichOneof("request")
-        if kind != "config":
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"the first StreamRequest must carry config, got {kind or 'an empty message'}; send StreamConfig first",
-            )
-        try:
-            session = Session(self._executor, first.config, context.peer())
-        except StreaminferError as error:
-            await context.abort(error.code, str(error))
-
-        if span is not None:
-            session.trace_with(self.tracing, self.tracing.context_of(span))
-        if client_key is not None and self._executor.config.rate_limits.chunks_per_second > 0:
-            session.admit_chunk = functools.partial(self.rate_limiter.admit_chunk, client_key)
-        self.active_sessions[session] = context
-        # This task's log lines, and its reader's, carry the stream id.
-        logs.STREAM_ID.set(session.stream_id)
-        metrics.STREAMS_STARTED.inc()
-        session.handler_task = asyncio.current_task()
-        logger.info(
-            "stream %s started: peer %s, models %s, label %r",
-            session.stream_id,
-            context.peer(),
-            ",".join(model.model for model in first.config.models),
-            first.config.label,
-        )
-        session.start_reading(request_iterator)
-        outcome = "OK"
-        try:
-            yield session.accepted_message()
-            async for response in session.responses():
-                yield response
-            if session.failure is not None and not session.aborting:
-                outcome = session.failure.code.name
-                await context.abort(session.failure.code, str(session.failure))
-            if session.end_reason in _END_STATUS:
-                code, template = _END_STATUS[session.end_reason]
-                limits = self._executor.config.limits
-                outcome = code.name
-                await context.abort(
-                    code, template.format(max_duration=limits.max_stream_duration_s, idle=limits.idle_timeout_s)
-                )
-        except asyncio.CancelledError:
-            # The call's deadline passed, the client cancelled or went away,
-            # or the server gave up on a client that stopped reading.
-            if session.aborting:
-                outcome = "RESOURCE_EXHAUSTED"
-            else:
-                remaining = context.time_remaining()
-                outcome = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
-            raise
-        except GeneratorExit:
-            outcome = "RESOURCE_EXHAUSTED" if session.aborting else "CANCELLED"
-            raise
-        finally:
-            session.close()
-            self.active_sessions.pop(session, None)
-            metrics.STREAMS_ENDED.labels(outcome).inc()
-            if session.end_reason in _END_STATUS:
-                logger.info(
-                    "stream %s ended: %s (%s)", session.stream_id, outcome, pb.StreamEndReason.Name(session.end_reason)
-                )
-            else:
-                logger.info("stream %s ended: %s", session.stream_id, outcome)
+            if span is not None:
+                self.tracing.end_stream_span(span, code, message)
 
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResponse:
         code = "OK"

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from streaminfer.server import metrics
 from streaminfer.server.config import ModelConfig
 from streaminfer.server.models.base import DecodedChunk, Model, ModelInfo, ModelInput, StreamOptions, set_duration
 from streaminfer.v1 import streaminfer_pb2 as pb
@@ -408,9 +409,11 @@ class SileroVadModel(Model):
         kernel, width = None, 0
         if rate != SAMPLE_RATE_HERTZ:
             with self._kernels_lock:
-                if rate not in self._kernels:
+                cached = rate in self._kernels
+                if not cached:
                     self._kernels[rate] = StreamingResampler.kernel_for(rate, SAMPLE_RATE_HERTZ)
                 kernel, width = self._kernels[rate]
+            metrics.CACHE_REQUESTS.labels(self.info.name, "resampler_kernel", "hit" if cached else "miss").inc()
         state.input_rate_hertz = rate
         state.resampler = StreamingResampler(rate, SAMPLE_RATE_HERTZ, kernel, width)
         return state.resampler
