@@ -83,13 +83,13 @@ def test_chunks_over_rate_are_reported(limited: ServerThread) -> None:
 
 def test_projected_wait_rejects_new_stream(limited: ServerThread) -> None:
     service = limited.server.service
-    service.projected_wait_s = lambda: 0.4
+    service.projected_wait = lambda: (0.4, "model silero_vad: 300 item(s) queued")
     try:
         with grpc.insecure_channel(limited.target) as channel:
             error = rejection(channel, (("x-api-key", "overload-test"),))
     finally:
-        service.projected_wait_s = limited.server.monitor.projected_wait_s
+        service.projected_wait = limited.server.monitor.projected_wait
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert "about 400 ms" in error.details()
+    assert "about 400 ms in its queues (model silero_vad: 300 item(s) queued)" in error.details()
     assert "admission.max_queue_wait_ms of 250 ms" in error.details()
     assert pushback_ms(error) == 700

@@ -58,7 +58,7 @@ class StreaminferServer:
         self.service.tracing = self.tracing
         self.service.rate_limiter = self.rate_limiter
         self.monitor = LoadMonitor(self.executor, self.service, self._set_healthy)
-        self.service.projected_wait_s = self.monitor.projected_wait_s
+        self.service.projected_wait = self.monitor.projected_wait
         self.service.learned_max_streams = lambda: self.monitor.learned_max_streams
         self.service.unhealthy_models = self.monitor.unhealthy_models
         self.port = 0

@@ -92,8 +92,18 @@ class LoadMonitor:
 
     def projected_wait_s(self) -> float:
         """Seconds a chunk of a new stream would wait in queues before inference starts."""
-        model_wait = max((runner.projected_wait_s() for runner in self._executor.runners.values()), default=0.0)
-        return max(self.loop_lag_s(), self.decode_wait_s(), model_wait, self.audio_backlog_s)
+        return self.projected_wait()[0]
+
+    def projected_wait(self) -> tuple[float, str]:
+        """Return the projected wait in seconds and what it comes from, in words."""
+        measures = [
+            (self.loop_lag_s(), "event-loop lag"),
+            (self.decode_wait_s(), f"decode backlog of {self._executor.decode.queue_depth} hand-off(s)"),
+            (self.audio_backlog_s, "audio read behind the clients' pace"),
+        ]
+        for name, runner in self._executor.runners.items():
+            measures.append((runner.projected_wait_s(), f"model {name}: {runner.queue_depth} item(s) queued"))
+        return max(measures, key=lambda measure: measure[0])
 
     def _measure_audio_backlog(self) -> None:
         """Take the median over streams of how far their audio is read behind the client's pace.

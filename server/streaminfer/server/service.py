@@ -88,7 +88,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         self.active_sessions: dict[Session, grpc.aio.ServicerContext] = {}
         self.draining = False
         # Set by the server: projected queue wait in seconds, and the rate limiter.
-        self.projected_wait_s: Callable[[], float] = lambda: 0.0
+        self.projected_wait: Callable[[], tuple[float, str]] = lambda: (0.0, "")
         self.learned_max_streams: Callable[[], int | None] = lambda: None
         self.rate_limiter: Any = None
         # Set by the server when tracing is on.
@@ -144,13 +144,14 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 "learned_max_streams",
             )
         if admission.max_queue_wait_ms > 0:
-            wait_ms = self.projected_wait_s() * 1000.0
+            wait_s, cause = self.projected_wait()
+            wait_ms = wait_s * 1000.0
             if wait_ms > admission.max_queue_wait_ms:
                 raise Rejection(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"the server is overloaded: work would wait about {wait_ms:.0f} ms in its queues, over its "
-                    f"admission.max_queue_wait_ms of {admission.max_queue_wait_ms:g} ms; retry after {pushback} ms "
-                    "or on another replica",
+                    f"the server is overloaded: work would wait about {wait_ms:.0f} ms in its queues ({cause}), "
+                    f"over its admission.max_queue_wait_ms of {admission.max_queue_wait_ms:g} ms; retry after "
+                    f"{pushback} ms or on another replica",
                     pushback,
                     "queue_wait",
                 )
