@@ -12,7 +12,7 @@ help:
 	@echo "make demo        install, start the server, stream the sample media, print results"
 	@echo "make test        install the dev dependencies and run the whole test suite"
 	@echo "make monitoring-tools  install promtool and prometheus (Debian package) for tests/monitoring"
-	@echo "make bench       run the benchmarks and write BENCHMARKS.md (about 12 minutes)"
+	@echo "make bench       run the benchmarks and write BENCHMARKS.md (about 20 minutes)"
 	@echo "make bench-vad   real-time VAD streams, served against raw model throughput"
 	@echo "make bench-goodput  goodput against offered load, admission control on and off"
 	@echo "make bench-observability  throughput and latency with metrics and tracing on and off"

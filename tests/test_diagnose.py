@@ -76,6 +76,7 @@ class Scenario:
     modality: str = "audio"
     decode_wait: float = 0.0002
     decode: float = 0.0005
+    input_wait: float = 0.0
     queue_wait: float = 0.003
     inference: float = 0.004
     postprocess: float = 0.0002
@@ -99,7 +100,8 @@ class Scenario:
 
     @property
     def latency(self) -> float:
-        stages = self.decode_wait + self.decode + self.queue_wait + self.inference + self.postprocess + self.write
+        stages = self.decode_wait + self.decode + self.input_wait + self.queue_wait + self.inference
+        stages += self.postprocess + self.write
         return stages + self.between
 
 
@@ -127,6 +129,7 @@ def page(scenario: Scenario | None) -> str:
     writer.histogram("streaminfer_chunk_latency_seconds", latency, [(s.latency, answered)], model="m", modality=s.modality)
     writer.histogram("streaminfer_decode_wait_seconds", stage, [(s.decode_wait, s.chunks)], modality=s.modality)
     writer.histogram("streaminfer_decode_seconds", stage, [(s.decode, s.chunks)], modality=s.modality)
+    writer.histogram("streaminfer_input_wait_seconds", latency, [(s.input_wait, s.chunks)], model="m")
     writer.histogram("streaminfer_queue_wait_seconds", latency, [(s.queue_wait, s.chunks)], model="m")
     writer.histogram("streaminfer_inference_seconds", latency, [(s.inference, batches)], model="m")
     writer.histogram("streaminfer_postprocess_seconds", stage, [(s.postprocess, batches)], model="m")
@@ -223,6 +226,18 @@ def test_synthetic_slow_clients_are_named() -> None:
     assert "clients read too slowly" in verdict["line"]
     assert "3 streams paused" in verdict["line"]
     assert "2 ended by write timeout" in verdict["line"]
+
+
+def test_synthetic_wait_for_later_input_is_not_blamed_on_the_server() -> None:
+    # 48 kHz audio in 32 ms chunks: each chunk's last window completes with the next chunk.
+    report = report_on(Scenario(input_wait=0.032, cpu_s=0.2, decode_busy_s=0.05))
+    verdict = report["verdict"]
+    assert verdict["kind"] == "input_wait"
+    assert "chunks wait for later input: 32.0 ms" in verdict["line"]
+    assert "16 kHz" in verdict["change"]
+    stages = {stage["stage"]: stage["mean_s"] for stage in report["latency"][0]["stages"]}
+    assert stages["input_wait"] == pytest.approx(0.032, rel=0.01)
+    assert stages["event_loop_network"] == pytest.approx(0.001, rel=0.05)
 
 
 def test_synthetic_healthy_server_has_no_bottleneck() -> None:
@@ -745,3 +760,8 @@ def test_induced_slow_clients(user_models: dict[str, str]) -> None:
     shares = groups(model_entry(report, "wide_out"))
     assert shares["write"] > 3 * max(shares["model"], shares["decode"])
     assert report["saturation"]["loop_late_share"] < diagnose.LOOP_LATE_SHARE
+
+
+def test_cli_names_the_grpc_port_when_pointed_at_it(server) -> None:
+    with pytest.raises(diagnose.DiagnoseError, match="is this the gRPC port"):
+        diagnose.fetch(f"http://{server.target}/metrics", timeout=10)

@@ -89,6 +89,11 @@ def test_metrics_follow_a_stream(server) -> None:
     assert max_batch == 256
     assert fill_sum == pytest.approx(size_sum / max_batch)
     assert delta(after, before, "streaminfer_time_to_first_result_seconds_count") == 1
+    # At 48 kHz the resampler holds a few samples back, so a 32 ms chunk's last
+    # window completes with the next chunk: most chunks wait for later input.
+    input_waits = delta(after, before, "streaminfer_input_wait_seconds_count", model="silero_vad")
+    assert input_waits == chunks - 1, "every decoded chunk is counted once"
+    assert delta(after, before, "streaminfer_input_wait_seconds_sum", model="silero_vad") > 0
     # The 48 kHz resampling kernel is made at load time, so the stream finds it cached.
     assert rate == 48_000
     cache = {"model": "silero_vad", "cache": "resampler_kernel"}
@@ -251,3 +256,19 @@ def test_batched_histogram_matches_observe() -> None:
 
     assert page("batched_seconds") == page("direct_seconds")
     assert page("batched_seconds")[("_count", None)] == len(values) + 1
+
+
+def test_whole_windows_at_16k_wait_for_no_input(server) -> None:
+    samples, rate = read_wav(MEDIA / "audio" / "Front_Left.wav")
+    resampled = samples[::3]  # 48 kHz to 16 kHz, crudely; only the timing matters here
+    requests = audio_requests(resampled, 16_000)
+    port = server.server.metrics_port
+    before = scrape(port)
+    with grpc.insecure_channel(server.target) as channel:
+        run_stream(channel, vad_config(16_000), requests)
+    after = scrape(port)
+    assert delta(after, before, "streaminfer_input_wait_seconds_count", model="silero_vad") == len(requests)
+    # Whole 512-sample chunks complete their own window at once; only a
+    # partial last chunk waits, for the flush at the end of input.
+    waited_none = delta(after, before, "streaminfer_input_wait_seconds_bucket", model="silero_vad", le="0.001")
+    assert waited_none >= len(requests) - 1

@@ -124,7 +124,7 @@ def test_stage_spans_reach_an_otlp_receiver(receiver, tmp_path) -> None:
     assert {span.parent_span_id for span in chunks} == {stream.span_id}
     assert {span.trace_id for span in spans if span is not infer} == {stream.trace_id}
     stream_ids = {attributes(span)["streaminfer.stream_id"] for span in chunks}
-    assert len(stream_ids) == 1
+    assert stream_ids == {attributes(stream)["streaminfer.stream_id"]}
     assert sorted(attributes(span)["streaminfer.sequence_number"] for span in chunks) == list(range(20))
 
     by_parent: dict[bytes, list] = {}

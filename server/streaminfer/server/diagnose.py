@@ -4,7 +4,8 @@ It reads the server's Prometheus page twice, INTERVAL seconds apart, and
 reports on what happened between the two reads:
 
 - latency per model: the mean time a chunk spends in each measured stage
-  (decode wait, decode, queue wait, inference, postprocess, write). The rest
+  (decode wait, decode, waiting for more input, queue wait, inference,
+  postprocess, write). The rest
   of the measured chunk latency counts as event loop/network. p50 and p99
   are estimated from the histogram buckets;
 - batches per model: mean size against max_batch_size, fill ratio, and the
@@ -15,19 +16,20 @@ reports on what happened between the two reads:
 - drops and rejections by reason;
 - one verdict naming the bottleneck and the change that would help.
 
-How the stages add up: decode wait and decode are per chunk, queue wait per
-work item, inference and postprocess per batch (every item of a batch waits
-for all of it), write per response message. Their means are added as if
-each chunk had one work item in one batch and one message; the rest of the
-mean latency is time between stages (the event loop, results waiting for a
-message being written, input waiting for a full model window).
+How the stages add up: decode wait, decode and the wait for more input are
+per chunk, queue wait per work item, inference and postprocess per batch
+(every item of a batch waits for all of it), write per response message.
+Their means are added as if each chunk had one work item in one batch and
+one message. The rest of the mean latency is time between stages: the event
+loop, and results waiting for a message being written.
 
 The verdict first checks what chunk latency cannot show: no traffic, video
 frames dropped by keep-latest, and an event loop whose timer runs late much
 of the time (chunks then wait unread before their latency starts). Then it
 looks at the model whose chunks spent the most time in total and picks the
-largest group of its stages: decode (wait and decode), model
-(queue wait, inference, postprocess), or write and event loop/network. The
+largest group of its stages: decode (wait and decode), waiting for more
+input, model (queue wait, inference, postprocess), or write and event
+loop/network. The
 saturation figures then tell which change helps; the rules are in
 ``_verdict``. Only the standard library and prometheus_client's text parser
 are used, and only the URL the user gives is fetched (no proxies, no
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import http.client
 import json
 import math
 import sys
@@ -85,6 +88,7 @@ M_DECODE = "streaminfer_decode_seconds"
 M_QUEUE_WAIT = "streaminfer_queue_wait_seconds"
 M_INFERENCE = "streaminfer_inference_seconds"
 M_POSTPROCESS = "streaminfer_postprocess_seconds"
+M_INPUT_WAIT = "streaminfer_input_wait_seconds"
 M_WRITE = "streaminfer_write_seconds"
 M_BATCH_SIZE = "streaminfer_batch_size"
 M_BATCH_FILL = "streaminfer_batch_fill_ratio"
@@ -109,6 +113,7 @@ READ_METRICS = tuple(value for name, value in dict(globals()).items() if name.st
 STAGE_NAMES = {
     "decode_wait": "decode wait",
     "decode": "decode",
+    "input_wait": "waiting for more input",
     "queue_wait": "queue wait",
     "inference": "inference",
     "postprocess": "postprocess",
@@ -140,6 +145,12 @@ def fetch(url: str, timeout: float = FETCH_TIMEOUT_S) -> str:
             charset = response.headers.get_content_charset() or "utf-8"
     except urllib.error.HTTPError as error:
         raise DiagnoseError(f"{url} returned HTTP {error.code} {error.reason}; is it the server's /metrics page?") from error
+    except http.client.HTTPException as error:
+        # The gRPC port replies to HTTP/1.1 with HTTP/2 frames.
+        raise DiagnoseError(
+            f"{url} did not answer in HTTP/1.1 ({type(error).__name__}); is this the gRPC port? The metrics page "
+            "is on the port that serve prints as 'metrics on' (server.metrics_port, 9464 by default)"
+        ) from error
     except (urllib.error.URLError, OSError, ValueError) as error:
         reason = getattr(error, "reason", error)
         raise DiagnoseError(
@@ -386,6 +397,7 @@ def _latency(window: Window) -> list[dict[str, Any]]:
         parts = {
             "decode_wait": _mean(window.histogram(M_DECODE_WAIT, modality=modality)),
             "decode": _mean(window.histogram(M_DECODE, modality=modality)),
+            "input_wait": _mean(window.histogram(M_INPUT_WAIT, model=model)),
             "queue_wait": _mean(window.histogram(M_QUEUE_WAIT, model=model)),
             "inference": _mean(window.histogram(M_INFERENCE, model=model)),
             "postprocess": _mean(window.histogram(M_POSTPROCESS, model=model)),
@@ -642,6 +654,7 @@ def _verdict(report: dict[str, Any]) -> dict[str, Any]:
     parts = {stage["stage"]: stage["mean_s"] for stage in focus["stages"]}
     groups = {
         "decode": parts["decode_wait"] + parts["decode"],
+        "input": parts["input_wait"],
         "model": parts["queue_wait"] + parts["inference"] + parts["postprocess"],
         "transport": parts["write"] + parts["event_loop_network"],
     }
@@ -651,6 +664,17 @@ def _verdict(report: dict[str, Any]) -> dict[str, Any]:
     cores = saturation["cpu_cores"]
     cpu = saturation["cpu"]
     where = f"{model} ({focus['modality']}): mean chunk latency {_ms(focus['mean_s'])}, p99 {_ms(focus['p99_s'])}"
+
+    if group == "input":
+        return verdict(
+            "input_wait",
+            f"chunks wait for later input: {_ms(parts['input_wait'])} mean between a chunk's decode and the model "
+            f"input that completes it, {share:.0%} of {where}; the model needs whole windows or sentences, and the "
+            "server is not the cause",
+            "for audio, send the model's own rate (16 kHz for silero_vad) in chunks of whole 32 ms windows; "
+            "for text, end sentences sooner or send a FLUSH control message",
+            model,
+        )
 
     if group == "transport":
         loop_blocked = saturation["loop_late_share"] >= LOOP_LATE_SHARE or saturation["loop_lag_p99_s"] >= LOOP_P99_S

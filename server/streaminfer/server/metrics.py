@@ -202,9 +202,16 @@ DECODE = BatchedHistogram(Histogram(
     ["modality"],
     buckets=STAGE_BUCKETS_S,
 ))
+INPUT_WAIT = BatchedHistogram(Histogram(
+    "streaminfer_input_wait_seconds",
+    "From a chunk's decode to the queueing of the model input that completes it: the wait for later input "
+    "(resampler look-ahead, a partial window, an unfinished sentence); 0 when the chunk's own input completes it.",
+    ["model"],
+    buckets=LATENCY_BUCKETS_S,
+))
 QUEUE_WAIT = BatchedHistogram(Histogram(
     "streaminfer_queue_wait_seconds",
-    "From a work item entering its model's queue to its batch starting.",
+    "From a work item entering its model's queue to its batch starting (items that need no inference included).",
     ["model"],
     buckets=LATENCY_BUCKETS_S,
 ))

@@ -219,6 +219,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 await context.abort(error.code, str(error))
 
             if span is not None:
+                span.set_attribute("streaminfer.stream_id", session.stream_id)
                 session.trace_with(self.tracing, self.tracing.context_of(span))
             if client_key is not None and self._executor.config.rate_limits.chunks_per_second > 0:
                 session.admit_chunk = functools.partial(self.rate_limiter.admit_chunk, client_key)

@@ -115,11 +115,16 @@ class ModelSlot:
     completed_through: int = NO_SEQUENCE_NUMBER
     metric_results: Any = None
     metric_latency: Any = None
+    metric_input_wait: Any = None
+    # Decode thread: chunks decoded that no submitted input completes yet,
+    # with when they were decoded.
+    awaiting_input: collections.deque[tuple[int, float]] = dataclasses.field(default_factory=collections.deque)
 
     def __post_init__(self) -> None:
         modality = metrics.modality_label(self.modality)
         self.metric_results = metrics.RESULTS.labels(self.name, modality)
         self.metric_latency = metrics.CHUNK_LATENCY.labels(self.name, modality)
+        self.metric_input_wait = metrics.INPUT_WAIT.labels(self.name)
 
     @property
     def name(self) -> str:
@@ -613,7 +618,7 @@ class Session:
             ledger.metric_decode.observe(ended - started)
             if trace is not None:
                 trace.decode_started, trace.decode_ended = started, ended
-        self._submit(ledger, prepared, deadline, ticket, trace)
+        self._submit(ledger, prepared, deadline, ticket, trace, sequence_number)
 
     def _flush_job_for(self, ends_input: bool, modality: int = pb.MODALITY_UNSPECIFIED) -> Callable[[], None]:
         """Return a decode job that flushes the chunks received so far, of one modality or all.
@@ -720,14 +725,18 @@ class Session:
         deadline: float,
         ticket: FrameTicket | None = None,
         trace: ChunkTrace | None = None,
+        sequence_number: int | None = None,
     ) -> None:
         """Queue model inputs on their runners. Runs on the stream's decode thread.
+
+        ``sequence_number`` is the chunk the inputs come from; None for a flush.
 
         A full queue fails the chunks at once with OVERFLOW: nothing waits for
         room, so one stream's full model cannot stall the streams that share
         its decode thread.
         """
         for slot, inputs in prepared:
+            self._count_input_wait(slot, inputs, sequence_number)
             if not inputs:
                 continue
             items = []
@@ -769,6 +778,23 @@ class Session:
             if ticket is not None and ticket.superseded:
                 # Superseded while it was being submitted.
                 ticket.supersede(ticket.message)
+
+    @staticmethod
+    def _count_input_wait(slot: ModelSlot, inputs: list[ModelInput], sequence_number: int | None) -> None:
+        """Record how long each chunk these inputs complete waited for them. Runs on the decode thread."""
+        now = time.monotonic()
+        waiting = slot.awaiting_input
+        if sequence_number is not None:
+            waiting.append((sequence_number, now))
+        completes = None
+        for model_input in inputs:
+            if model_input.completes_sequence_number is not None:
+                completes = model_input.completes_sequence_number
+        if completes is None:
+            return
+        while waiting and waiting[0][0] <= completes:
+            _, decoded_at = waiting.popleft()
+            slot.metric_input_wait.observe(now - decoded_at)
 
     # -- results --------------------------------------------------------------
 

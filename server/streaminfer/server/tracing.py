@@ -198,8 +198,8 @@ def setup(chunk_sample_ratio: float) -> Tracing | None:
         return None
     tracing = Tracing(chunk_sample_ratio)
     logger.info(
-        "tracing on: exporter %s, %g of the chunks of traced streams get stage spans",
+        "tracing on: exporter %s; %s of the chunks of traced streams get stage spans",
         os.environ.get("OTEL_TRACES_EXPORTER", "otlp"),
-        chunk_sample_ratio,
+        f"{chunk_sample_ratio:.2%}".replace(".00%", "%"),
     )
     return tracing
