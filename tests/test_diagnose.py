@@ -756,7 +756,9 @@ def test_induced_slow_clients(user_models: dict[str, str]) -> None:
     assert not load.errors, load.errors
     verdict = report["verdict"]
     assert verdict["kind"] == "slow_clients", verdict
-    assert report["traffic"]["streams_paused"] >= 1
+    # streams_paused is a level sampled once a second, and a stream whose
+    # client reads every 0.4 s is paused only part of the time: not asserted.
+    assert "clients read too slowly: writing a response takes" in verdict["line"]
     shares = groups(model_entry(report, "wide_out"))
     assert shares["write"] > 3 * max(shares["model"], shares["decode"])
     assert report["saturation"]["loop_late_share"] < diagnose.LOOP_LATE_SHARE
