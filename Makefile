@@ -19,10 +19,16 @@ help:
 	@echo "make protos      regenerate the Python code under client_sdk/streaminfer/v1"
 	@echo "make lint-proto  run buf lint on protos/"
 
-$(STAMP): pyproject.toml client_sdk/pyproject.toml
+# The load generator goes in the same environment for the tests. hdrhistogram
+# asks for setuptools>=83 and torch for setuptools<82; hdrhistogram uses
+# neither at run time, so it goes in without its dependencies here. On its
+# own (pip install ./loadtest, no torch) it installs normally.
+$(STAMP): pyproject.toml client_sdk/pyproject.toml loadtest/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ./client_sdk -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps 'hdrhistogram==0.10.8' -e ./loadtest
+	$(BIN)/python -m pip install --quiet 'matplotlib>=3.8' pillow
 	touch $(STAMP)
 
 install: $(STAMP)
