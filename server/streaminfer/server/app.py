@@ -178,7 +178,7 @@ class StreaminferServer:
             logger.info("draining: ending %d stream(s) after the grace period", len(self.service.active_sessions))
             for session in list(self.service.active_sessions):
                 if session.end_by_server(pb.STREAM_END_REASON_DRAINING):
-                    metrics.STREAMS_ENDED_BY_SERVER.labels("draining").inc()
+                    self.monitor.ended_by_server("draining")
             deadline = loop.time() + FINAL_ANSWER_S
             while self.service.active_sessions and loop.time() < deadline:
                 await asyncio.sleep(DRAIN_POLL_S)
@@ -238,7 +238,7 @@ async def serve(
     """
     server = StreaminferServer(config)
     await server.start()
-    # Handlers first: whoever reads the ready line may send SIGTERM at once.
+    # Install the handlers before the ready line: a supervisor that reads it may send SIGTERM at once.
     received = asyncio.Queue[int]()
     loop = asyncio.get_running_loop()
     for signum in signals:

@@ -92,17 +92,23 @@ class LoadMonitor:
 
     def projected_wait_s(self) -> float:
         """Seconds a chunk of a new stream would wait in queues before inference starts."""
-        return self.projected_wait()[0]
+        return self._largest_wait()[0]
 
     def projected_wait(self) -> tuple[float, str]:
         """Return the projected wait in seconds and what it comes from, in words."""
-        measures = [
-            (self.loop_lag_s(), "event-loop lag"),
-            (self.decode_wait_s(), f"decode backlog of {self._executor.decode.queue_depth} hand-off(s)"),
-            (self.audio_backlog_s, "audio read behind the clients' pace"),
-        ]
-        for name, runner in self._executor.runners.items():
-            measures.append((runner.projected_wait_s(), f"model {name}: {runner.queue_depth} item(s) queued"))
+        wait_s, source = self._largest_wait()
+        if source == "loop":
+            return wait_s, "event-loop lag"
+        if source == "decode":
+            return wait_s, f"decode backlog of {self._executor.decode.queue_depth} hand-off(s)"
+        if source == "audio":
+            return wait_s, "audio read behind the clients' pace"
+        return wait_s, f"model {source}: {self._executor.runners[source].queue_depth} item(s) queued"
+
+    def _largest_wait(self) -> tuple[float, str]:
+        """Return the largest of the wait measures and its source: loop, decode, audio or a model name."""
+        measures = [(self.loop_lag_s(), "loop"), (self.decode_wait_s(), "decode"), (self.audio_backlog_s, "audio")]
+        measures += [(runner.projected_wait_s(), name) for name, runner in self._executor.runners.items()]
         return max(measures, key=lambda measure: measure[0])
 
     def _measure_audio_backlog(self) -> None:
@@ -196,7 +202,7 @@ class LoadMonitor:
                 if session.aborting:
                     continue
                 session.aborting = True
-                self._ended_by_server("write_timeout")
+                self.ended_by_server("write_timeout")
                 logger.warning(
                     "stream %s: the client has not read a response for %.1f s; ending the stream",
                     session.stream_id,
@@ -220,12 +226,13 @@ class LoadMonitor:
                     asyncio.get_running_loop().call_soon(session.handler_task.cancel)
             elif limits.max_stream_duration_s and now - session.started_at > limits.max_stream_duration_s:
                 if session.end_by_server(pb.STREAM_END_REASON_MAX_DURATION):
-                    self._ended_by_server("max_duration")
+                    self.ended_by_server("max_duration")
             elif limits.idle_timeout_s and session.is_idle(now, limits.idle_timeout_s):
                 if session.end_by_server(pb.STREAM_END_REASON_IDLE_TIMEOUT):
-                    self._ended_by_server("idle_timeout")
+                    self.ended_by_server("idle_timeout")
 
-    def _ended_by_server(self, reason: str) -> None:
+    def ended_by_server(self, reason: str) -> None:
+        """Count a stream the server ended itself: write_timeout, max_duration, idle_timeout or draining."""
         self.streams_ended[reason] += 1
         metrics.STREAMS_ENDED_BY_SERVER.labels(reason).inc()
 

@@ -180,7 +180,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         span = None
         if self.tracing is not None:
             span = self.tracing.start_stream_span(SERVICE_METHOD_STREAM, context.invocation_metadata(), context.peer())
-        code, message = "OK", ""
+        # The call's final status code name, for the metrics, the log and the span.
+        outcome, message = "OK", ""
         try:
             # Written as an async generator, not with context.write(), so that
             # interceptors that wrap streaming handlers work with it.
@@ -236,7 +237,6 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 first.config.label,
             )
             session.start_reading(request_iterator)
-            outcome = "OK"
             try:
                 yield session.accepted_message()
                 async for response in session.responses():
@@ -245,11 +245,11 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                     outcome = session.failure.code.name
                     await context.abort(session.failure.code, str(session.failure))
                 if session.end_reason in _END_STATUS:
-                    code, template = _END_STATUS[session.end_reason]
+                    status, template = _END_STATUS[session.end_reason]
                     limits = self._executor.config.limits
-                    outcome = code.name
+                    outcome = status.name
                     await context.abort(
-                        code, template.format(max_duration=limits.max_stream_duration_s, idle=limits.idle_timeout_s)
+                        status, template.format(max_duration=limits.max_stream_duration_s, idle=limits.idle_timeout_s)
                     )
             except asyncio.CancelledError:
                 # The call's deadline passed, the client cancelled or went away,
@@ -274,18 +274,20 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 else:
                     logger.info("stream %s ended: %s", session.stream_id, outcome)
         except grpc.aio.AbortError:
-            code = context.code().name if context.code() is not None else "UNKNOWN"
+            outcome = context.code().name if context.code() is not None else "UNKNOWN"
             message = context.details() or ""
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            code = "CANCELLED"
+            # A stream that was admitted has its precise outcome already.
+            if outcome == "OK":
+                outcome = "CANCELLED"
             raise
         except Exception as error:
-            code, message = "UNKNOWN", f"{type(error).__name__}: {error}"
+            outcome, message = "UNKNOWN", f"{type(error).__name__}: {error}"
             raise
         finally:
             if span is not None:
-                self.tracing.end_stream_span(span, code, message)
+                self.tracing.end_stream_span(span, outcome, message)
 
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResponse:
         code = "OK"

@@ -259,7 +259,7 @@ class Session:
         # over its chunk rate.
         self.admit_chunk: Callable[[], bool] | None = None
         # Tracing: the call span's context when it records, and the sampled
-        # chunks not answered yet, by (modality, sequence number).
+        # chunks without an ack or error yet, by (modality, sequence number).
         self._tracing: Any = None
         self._trace_parent: Any = None
         self._traces: dict[tuple[int, int], ChunkTrace] = {}
@@ -507,11 +507,6 @@ class Session:
         ticket = None
         if modality == pb.MODALITY_VIDEO and self._keep_latest_video:
             ticket = self._admit_frame(sequence_number)
-        if self._log_chunks:
-            logger.info(
-                "stream %s: %s chunk %d read, %d bytes", self.stream_id, field, sequence_number, len(content_of(chunk)),
-                extra=logs.EVERY_TIME,
-            )
         trace = None
         if self._trace_parent is not None and random.random() < self._tracing.chunk_sample_ratio:
             trace = ChunkTrace(metrics.modality_label(modality), sequence_number, arrived)
@@ -523,6 +518,11 @@ class Session:
         content = chunk.audio_content if modality == pb.MODALITY_AUDIO else (
             chunk.image_content if modality == pb.MODALITY_VIDEO else chunk.text
         )
+        if self._log_chunks:
+            logger.info(
+                "stream %s: %s chunk %d read, %d bytes", self.stream_id, field, sequence_number, len(content),
+                extra=logs.EVERY_TIME,
+            )
         self._executor.decode.submit(
             self._lane,
             functools.partial(
@@ -909,7 +909,7 @@ class Session:
         try:
             self._tracing.emit(self._trace_parent, trace, self.stream_id, time.monotonic(), error)
         except Exception:
-            # Tracing must never cost a chunk its answer.
+            # A tracing failure must not stop the chunk's ack or error from being sent.
             logger.exception("stream %s: recording the spans of chunk %d failed", self.stream_id, sequence_number)
 
     def _add_error(self, modality: int, sequence_number: int, reason: int, message: str) -> None:
@@ -1038,15 +1038,6 @@ class Session:
                 slot.preprocess_state = None
                 slot.inference_state = None
         self._window_open.set()
-
-
-def content_of(chunk: Any) -> bytes | str:
-    """Return the media bytes (or text) of an AudioChunk, VideoFrame or TextChunk."""
-    if isinstance(chunk, pb.AudioChunk):
-        return chunk.audio_content
-    if isinstance(chunk, pb.VideoFrame):
-        return chunk.image_content
-    return chunk.text
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
