@@ -228,7 +228,7 @@ def test_synthetic_slow_clients_are_named() -> None:
     assert "2 ended by write timeout" in verdict["line"]
 
 
-def test_synthetic_wait_for_later_input_is_not_blamed_on_the_server() -> None:
+def test_synthetic_input_wait_named() -> None:
     # 48 kHz audio in 32 ms chunks: each chunk's last window completes with the next chunk.
     report = report_on(Scenario(input_wait=0.032, cpu_s=0.2, decode_busy_s=0.05))
     verdict = report["verdict"]
@@ -764,6 +764,6 @@ def test_induced_slow_clients(user_models: dict[str, str]) -> None:
     assert report["saturation"]["loop_late_share"] < diagnose.LOOP_LATE_SHARE
 
 
-def test_cli_names_the_grpc_port_when_pointed_at_it(server) -> None:
+def test_fetch_grpc_port_hint(server) -> None:
     with pytest.raises(diagnose.DiagnoseError, match="is this the gRPC port"):
         diagnose.fetch(f"http://{server.target}/metrics", timeout=10)

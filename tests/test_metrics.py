@@ -89,7 +89,7 @@ def test_metrics_follow_a_stream(server) -> None:
     assert max_batch == 256
     assert fill_sum == pytest.approx(size_sum / max_batch)
     assert delta(after, before, "streaminfer_time_to_first_result_seconds_count") == 1
-    # At 48 kHz the resampler holds a few samples back, so a 32 ms chunk's last
+    # At 48 kHz the resampler keeps a few samples back, so a 32 ms chunk's last
     # window completes with the next chunk: most chunks wait for later input.
     input_waits = delta(after, before, "streaminfer_input_wait_seconds_count", model="silero_vad")
     assert input_waits == chunks - 1, "every decoded chunk is counted once"

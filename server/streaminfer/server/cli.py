@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-chunks",
         action="store_true",
-        help="log a line for every chunk read and every chunk answered; for debugging one stream, not for load "
+        help="log a line for every chunk read, acked or failed; for debugging one stream, not for load "
         "(default: off, or server.log_chunks)",
     )
     serve.add_argument(

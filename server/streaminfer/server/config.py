@@ -154,7 +154,7 @@ class ServerConfig:
     # An empty host means the gRPC host.
     metrics_port: int = 9464
     metrics_host: str = ""
-    # A log line per chunk read and answered.
+    # A log line per chunk read, acked or failed.
     log_chunks: bool = False
 
     def resolved_torch_threads(self) -> int:

@@ -148,7 +148,7 @@ def fetch(url: str, timeout: float = FETCH_TIMEOUT_S) -> str:
     except http.client.HTTPException as error:
         # The gRPC port replies to HTTP/1.1 with HTTP/2 frames.
         raise DiagnoseError(
-            f"{url} did not answer in HTTP/1.1 ({type(error).__name__}); is this the gRPC port? The metrics page "
+            f"{url} did not respond in HTTP/1.1 ({type(error).__name__}); is this the gRPC port? The metrics page "
             "is on the port that serve prints as 'metrics on' (server.metrics_port, 9464 by default)"
         ) from error
     except (urllib.error.URLError, OSError, ValueError) as error:

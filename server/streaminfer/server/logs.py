@@ -10,7 +10,7 @@ The JSON format has it as a field on every line that concerns a stream.
 
 A line whose template repeats within ``REPEAT_WINDOW_S`` is logged at most
 ``REPEAT_LIMIT`` times in that window; the next line of that template after
-the window says how many were left out. Lines logged with
+the window reports how many were held back. Lines logged with
 ``extra=EVERY_TIME`` (the per-chunk lines the user asked for) are exempt.
 """
 

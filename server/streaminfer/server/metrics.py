@@ -18,7 +18,7 @@ Two kinds of updates:
 
 With ``serve --workers N`` each worker writes its values to files in
 ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode) and the
-parent process serves the sum. Gauges say how workers combine: ``livesum``
+parent process serves the sum. A gauge's mode sets how workers combine: ``livesum``
 for amounts (queue depth, open streams), ``livemax`` for worst cases (loop
 lag). The variable must be set before this module is imported, which
 ``workers.run_workers`` does for its workers.
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-# The *_created series would double the page and answer nothing asked here.
+# The *_created series would double the page's size and carry nothing these metrics need.
 disable_created_metrics()
 
 
@@ -81,7 +81,7 @@ class _Recorder:
             return
         values = np.asarray(self._values[:count], dtype=float)
         del self._values[:count]
-        # Bucket i holds bound[i-1] < value <= bound[i], as Histogram.observe does.
+        # Bucket i counts bound[i-1] < value <= bound[i], as Histogram.observe does.
         per_bucket = np.bincount(np.searchsorted(self._bounds, values, side="left"), minlength=len(self._bounds))
         for index in np.flatnonzero(per_bucket):
             self._child._buckets[index].inc(float(per_bucket[index]))
@@ -102,9 +102,9 @@ def flush() -> None:
 class BatchedHistogram:
     """A Histogram for the hot path: ``labels(...)`` gives a recorder whose ``observe`` costs a list append.
 
-    prometheus-client's own ``observe`` takes a lock per bucket and scans the
-    bounds, about 2 us; at thousands of chunks a second and several
-    histograms per chunk that is several percent of the server's CPU.
+    prometheus-client's own ``observe`` takes a lock and scans the bounds,
+    about 2 us measured here. At thousands of chunks a second and several
+    histograms per chunk, that is several percent of the server's CPU.
     """
 
     def __init__(self, histogram: Histogram) -> None:
@@ -146,8 +146,8 @@ class _FlushBeforeScrape:
 
 REGISTRY.register(_FlushBeforeScrape())
 
-# Realtime latency: a 32 ms audio chunk should be answered in tens of
-# milliseconds; seconds mean the server is far behind.
+# Realtime latency: a 32 ms audio chunk should be acknowledged within tens
+# of milliseconds. Seconds mean the server is far behind.
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Stage times inside the server: from tens of microseconds up.
 STAGE_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -181,7 +181,7 @@ CHUNKS_PROCESSED = Counter(
 )
 CHUNKS_DROPPED = Counter(
     "streaminfer_chunks_dropped_total",
-    "Chunks answered with a ChunkError, by reason (the ChunkErrorReason, lower case).",
+    "Chunks that got a ChunkError, by reason (the ChunkErrorReason, lower case).",
     ["modality", "reason"],
 )
 CHUNK_LATENCY = BatchedHistogram(Histogram(

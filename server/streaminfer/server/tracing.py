@@ -9,7 +9,7 @@ exporter:
   ``OTEL_EXPORTER_OTLP_*`` variables (headers, TLS, timeout) itself.
 - ``OTEL_SERVICE_NAME`` names the service (default ``streaminfer``), and
   ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` choose which calls
-  are traced (default: every call, or as the caller's trace says).
+  are traced (default: every call, or as the caller's trace context decides).
 - ``OTEL_SDK_DISABLED=true`` turns it off whatever else is set.
 
 Unary calls get their span from opentelemetry-instrumentation-grpc's aio
@@ -133,7 +133,7 @@ class Tracing:
         return self._trace.set_span_in_context(span)
 
     def emit(self, parent: Any, chunk: ChunkTrace, stream_id: str, answered_at: float, error: str | None = None) -> None:
-        """Make the spans of one answered chunk under the call span ``parent``."""
+        """Create the spans of one acked or failed chunk under the call span ``parent``."""
         from opentelemetry.trace import Status, StatusCode
 
         attributes = {
