@@ -184,6 +184,8 @@ CHUNKS_DROPPED = Counter(
     "Chunks that got a ChunkError, by reason (the ChunkErrorReason, lower case).",
     ["modality", "reason"],
 )
+# NOTE: a chunk is acked when every model of its modality is done, so with two
+# models on one modality both labels get the slower model's latency.
 CHUNK_LATENCY = BatchedHistogram(Histogram(
     "streaminfer_chunk_latency_seconds",
     "From reading a chunk to writing its answer, per model of its modality.",
@@ -393,7 +395,10 @@ def modality_label(modality: int) -> str:
 
 
 class _Gpus:
-    """GPU memory and utilisation through NVML; inactive when NVML or a GPU is missing."""
+    """GPU memory and utilisation through NVML; inactive when NVML or a GPU is missing.
+
+    NOTE: only the inactive path has run; no GPU was available to test the NVML readings.
+    """
 
     def __init__(self) -> None:
         self._nvml: Any = None
