@@ -6,13 +6,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test monitoring-tools protos lint-proto bench bench-vad bench-goodput bench-observability clean
+.PHONY: help install demo test monitoring-tools protos lint-proto bench bench-suite bench-vad bench-goodput bench-observability clean
 
 help:
 	@echo "make demo        install, start the server, stream the sample media, print results"
 	@echo "make test        install the dev dependencies and run the whole test suite"
 	@echo "make monitoring-tools  install promtool and prometheus (Debian package) for tests/monitoring"
-	@echo "make bench       run the benchmarks and write BENCHMARKS.md (about 20 minutes)"
+	@echo "make bench       run every benchmark and write BENCHMARKS.md (about 30 minutes)"
+	@echo "make bench-suite side by side: served vs raw model, transport vs echo, vs a plain server, capacity"
 	@echo "make bench-vad   real-time VAD streams, served against raw model throughput"
 	@echo "make bench-goodput  goodput against offered load, admission control on and off"
 	@echo "make bench-observability  throughput and latency with metrics and tracing on and off"
@@ -59,7 +60,10 @@ protos: $(STAMP)
 lint-proto: node_modules/.bin/buf
 	node_modules/.bin/buf lint
 
-bench: bench-vad bench-goodput bench-observability
+bench: bench-suite bench-vad bench-goodput bench-observability
+
+bench-suite: $(STAMP)
+	$(BIN)/python benchmarks/suite.py
 
 bench-vad: $(STAMP)
 	$(BIN)/python benchmarks/vad_streams.py

@@ -95,9 +95,14 @@ def _children(pid: int) -> list[int]:
 ECHO_SERVER = pathlib.Path(__file__).resolve().parent / "echo_server.py"
 
 
-def start_server(extra_args: list[str], echo: bool = False) -> ServerProcess:
-    """Start ``streaminfer serve`` on a free port, or the bare gRPC echo baseline when ``echo``."""
-    if echo:
+def start_server(extra_args: list[str], echo: bool = False, command: list[str] | None = None) -> ServerProcess:
+    """Start ``streaminfer serve`` on a free port, the bare gRPC echo server when ``echo``, or ``command``.
+
+    The server must print "streaminfer listening on HOST:PORT" when it is ready.
+    """
+    if command is not None:
+        pass
+    elif echo:
         command = [sys.executable, str(ECHO_SERVER), "--port", "0"]
     else:
         command = [sys.executable, "-m", "streaminfer.server.cli", "serve", "--port", "0", "--metrics-port", "0", *extra_args]
@@ -223,7 +228,6 @@ async def realtime_load(target: str, streams: int, chunk_ms: int, warmup_s: floa
         nonlocal errors, lost
         call, _ = await open_vad_stream(stub, pb)
         scheduled: dict[int, float] = {}
-        loop = asyncio.get_running_loop()
         first = start_at + (index / streams) * interval
 
         sender = asyncio.create_task(

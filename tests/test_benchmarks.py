@@ -1,0 +1,114 @@
+"""The benchmark suite's own parts: the plain baseline server and a short run of the suite."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from streaminfer.v1 import streaminfer_pb2 as pb
+from streaminfer.v1 import streaminfer_pb2_grpc as pb_grpc
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO_ROOT / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import vad_streams  # noqa: E402
+
+
+def start_baseline() -> vad_streams.ServerProcess:
+    return vad_streams.start_server([], command=[sys.executable, str(BENCHMARKS / "baseline_server.py"), "--port", "0"])
+
+
+def audio_config(rate: int) -> pb.StreamRequest:
+    return pb.StreamRequest(
+        config=pb.StreamConfig(
+            models=[pb.ModelSelection(model="silero_vad")],
+            audio_format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_LINEAR16, sample_rate_hertz=rate),
+        )
+    )
+
+
+def test_baseline_acks_every_chunk():
+    server = start_baseline()
+    try:
+        speech = vad_streams.load_speech_16k()
+        chunks = [speech[i * 512 : (i + 1) * 512] for i in range(150)]
+
+        async def run():
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                call = pb_grpc.InferenceServiceStub(channel).Stream()
+                await call.write(audio_config(16000))
+                for number, chunk in enumerate(chunks):
+                    await call.write(pb.StreamRequest(audio=pb.AudioChunk(sequence_number=number, audio_content=chunk.tobytes())))
+                await call.done_writing()
+                return [response async for response in call], await call.code()
+
+        responses, code = asyncio.run(run())
+    finally:
+        server.stop()
+    assert code == grpc.StatusCode.OK
+    assert responses[0].session_accepted.stream_id.startswith("baseline-")
+    acked = [number for response in responses for ack in response.acks for number in range(ack.first_sequence_number, ack.last_sequence_number + 1)]
+    assert acked == list(range(150))
+    events = [result.speech.event_type for response in responses for result in response.results]
+    assert pb.SPEECH_EVENT_TYPE_SPEECH_START in events
+    end = responses[-1].stream_end
+    assert end.reason == pb.STREAM_END_REASON_INPUT_ENDED
+    assert end.totals[0].chunks_acked == 150
+    assert end.results_sent == len(events)
+
+
+def test_baseline_rejects_other_formats():
+    server = start_baseline()
+    try:
+
+        async def run():
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                call = pb_grpc.InferenceServiceStub(channel).Stream()
+                await call.write(audio_config(48000))
+                await call.done_writing()
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await call.read()
+                return raised.value
+
+        error = asyncio.run(run())
+    finally:
+        server.stop()
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "config.audio_format" in error.details()
+    assert "48000" in error.details()
+
+
+def test_suite_transport_writes_report(tmp_path):
+    markdown = tmp_path / "BENCHMARKS.md"
+    markdown.write_text("# Benchmarks\n\n## Other section\n\nkept\n")
+    completed = subprocess.run(
+        [
+            sys.executable, str(BENCHMARKS / "suite.py"), "--only", "transport", "--seconds", "1", "--warmup", "0.5",
+            "--transport-streams", "8", "--json", str(tmp_path / "suite.json"), "--plot", str(tmp_path / "suite.png"),
+            "--markdown", str(markdown),
+        ],
+        capture_output=True, text=True, timeout=600, cwd=BENCHMARKS,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    report = json.loads((tmp_path / "suite.json").read_text())
+    transport = report["transport"]
+    assert transport["streams"] == 8
+    assert transport["chunk_bytes"] == 1024
+    assert transport["echo_messages_per_second"] > 0
+    assert transport["served_messages_per_second"] > 0
+    assert transport["ratio"] == pytest.approx(transport["served_messages_per_second"] / transport["echo_messages_per_second"])
+    assert transport["chunk_errors"] == 0
+    text = markdown.read_text()
+    assert "## Other section\n\nkept" in text
+    assert "| transport: messages/s, 8 streams, 1024-byte chunks |" in text
+    # A second run replaces the section instead of adding another.
+    completed = subprocess.run(completed.args, capture_output=True, text=True, timeout=600, cwd=BENCHMARKS)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert markdown.read_text().count("## Side by side") == 1
