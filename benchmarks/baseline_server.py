@@ -23,6 +23,7 @@ import torch
 import uvloop
 from silero_vad import load_silero_vad
 
+from echo_server import serve
 from streaminfer.v1 import streaminfer_pb2 as pb
 from streaminfer.v1 import streaminfer_pb2_grpc as pb_grpc
 
@@ -76,7 +77,7 @@ class BaselineService(pb_grpc.InferenceServiceServicer):
                     pending = pending[WINDOW:]
                     samples_done += WINDOW
                     value = float(probability[0, 0])
-                    # Speech starts at 0.5 and ends below 0.35, get_speech_timestamps' defaults.
+                    # Speech starts at 0.5 and ends below 0.35, as with get_speech_timestamps' defaults.
                     if speaking != (value >= (0.35 if speaking else 0.5)):
                         speaking = not speaking
                         event = pb.SPEECH_EVENT_TYPE_SPEECH_START if speaking else pb.SPEECH_EVENT_TYPE_SPEECH_END
@@ -105,24 +106,18 @@ class BaselineService(pb_grpc.InferenceServiceServicer):
         )
 
 
-async def serve(port: int) -> None:
-    server = grpc.aio.server()
-    pb_grpc.add_InferenceServiceServicer_to_server(BaselineService(), server)
-    bound = server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    print(f"streaminfer listening on 127.0.0.1:{bound} (one inference per chunk, no batching)", flush=True)
-    await server.wait_for_termination()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1; 0 picks a free one (default: 0)")
     parser.add_argument(
-        "--torch-threads", type=int, default=1, help="torch intra-op threads; batch 1 runs best on one (default: 1)"
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default: 1, which streaminfer's model thread uses on two cores)",
     )
     options = parser.parse_args()
     torch.set_num_threads(options.torch_threads)
-    uvloop.run(serve(options.port))
+    uvloop.run(serve(BaselineService(), options.port, "one inference per chunk, no batching"))
     return 0
 
 

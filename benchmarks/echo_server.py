@@ -8,7 +8,6 @@ message sizes: the ceiling any Python gRPC server reaches here.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 import grpc
@@ -31,19 +30,20 @@ class EchoService(pb_grpc.InferenceServiceServicer):
                 )
 
 
-async def serve(port: int) -> None:
+async def serve(service: pb_grpc.InferenceServiceServicer, port: int, description: str) -> None:
+    """Serve ``service`` on 127.0.0.1:``port`` and print the ready line the benchmarks wait for."""
     server = grpc.aio.server()
-    pb_grpc.add_InferenceServiceServicer_to_server(EchoService(), server)
+    pb_grpc.add_InferenceServiceServicer_to_server(service, server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    print(f"streaminfer listening on 127.0.0.1:{bound} (echo baseline)", flush=True)
+    print(f"streaminfer listening on 127.0.0.1:{bound} ({description})", flush=True)
     await server.wait_for_termination()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1; 0 picks a free one (default: 0)")
-    uvloop.run(serve(parser.parse_args().port))
+    uvloop.run(serve(EchoService(), parser.parse_args().port, "echo baseline"))
     return 0
 
 

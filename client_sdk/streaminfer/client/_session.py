@@ -461,7 +461,8 @@ class StreamSession:
                     # A write that fails because the server has just ended the
                     # call gets INTERNAL from grpc's aio client in place of the
                     # server's status. The reader sees StreamEnd first, so its
-                    # outcome names the real reason.
+                    # outcome names the real reason. Without roll-over the reader
+                    # ends the session without the write lock held here.
                     await asyncio.wait({self._reader})
                     self._require_state(StreamState.OPEN, "write")
                 raise error_from_rpc_error(error) from error

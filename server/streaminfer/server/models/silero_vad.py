@@ -341,7 +341,7 @@ def join_arrays(parts: Sequence[np.ndarray]) -> np.ndarray:
     """Concatenate contiguous float32 arrays into a new, writable flat array, holding the GIL throughout.
 
     numpy lets go of the GIL while it copies a large array. Taking it back
-    waits for the thread that holds it, and a busy event loop lets go only at
+    waits for the thread that has it, and a busy event loop lets go only at
     its next wait or after the 5 ms switch interval. Measured: np.concatenate
     of 256 rows of 8,192 samples took 0.6 ms alone and 137 ms beside a busy
     Python thread, and bytearray.join, which keeps the GIL, 0.5 ms in both.
