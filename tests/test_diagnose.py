@@ -185,11 +185,19 @@ def test_synthetic_batch_limit_asks_for_larger_batches() -> None:
 
 
 def test_synthetic_starved_decode_pool_asks_for_decode_threads() -> None:
-    report = report_on(Scenario(decode_wait=0.12, decode=0.02, decode_threads=1, decode_busy_s=9.8))
+    report = report_on(Scenario(modality="video", decode_wait=0.12, decode=0.02, decode_threads=1, decode_busy_s=9.8))
     assert report["verdict"]["kind"] == "decode_threads"
     assert "add decode threads" in report["verdict"]["change"]
     assert report["saturation"]["decode_busy"] == pytest.approx(0.98)
     assert report["saturation"]["stages"][0]["stage"] == "decode threads"
+
+
+def test_synthetic_starved_audio_decode_asks_for_workers() -> None:
+    # Audio streams share one decode thread, so more threads would not help.
+    report = report_on(Scenario(decode_wait=0.12, decode=0.02, decode_threads=2, decode_busy_s=9.8))
+    assert report["verdict"]["kind"] == "workers"
+    assert "decode thread of audio and text streams is starved" in report["verdict"]["line"]
+    assert "add workers" in report["verdict"]["change"]
 
 
 def test_synthetic_decode_on_every_core_asks_for_workers() -> None:

@@ -79,7 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="FILE", help="TOML config file (default: the built-in models, see `streaminfer config`)")
     serve.add_argument("--host", help="address to listen on (default: 127.0.0.1; 0.0.0.0 or [::] for all)")
     serve.add_argument("--port", type=int, help="TCP port; 0 picks a free one and prints it (default: 50051)")
-    serve.add_argument("--decode-threads", type=int, help="threads decoding and preprocessing chunks (default: 2)")
+    serve.add_argument(
+        "--decode-threads",
+        type=int,
+        help="threads decoding and preprocessing chunks; video streams use them all, audio and text streams "
+        "share the first (default: 2)",
+    )
     serve.add_argument(
         "--torch-threads", type=int, help="intra-op threads per inference worker; 0 means cores minus one (default: 0)"
     )

@@ -719,11 +719,20 @@ def _verdict(report: dict[str, Any]) -> dict[str, Any]:
             f"decode wait {_ms(parts['decode_wait'])} + decode {_ms(parts['decode'])} are {share:.0%} of {where}; "
             f"{threads:.0f} decode thread(s) {saturation['decode_busy']:.0%} busy, CPU {cpu:.0%} of {cores:.0f} cores"
         )
-        if waiting and (threads < cores and cpu < CPU_FULL):
+        # Only video streams are spread over the decode threads; audio and
+        # text streams share the first one.
+        if waiting and focus["modality"] == "video" and threads < cores and cpu < CPU_FULL:
             return verdict(
                 "decode_threads",
                 f"the decode pool is starved: {numbers}",
                 f"add decode threads (serve --decode-threads {int(threads) + 1} or more, up to the {cores:.0f} cores)",
+                model,
+            )
+        if waiting and focus["modality"] != "video":
+            return verdict(
+                "workers",
+                f"the decode thread of audio and text streams is starved: {numbers}",
+                "add workers (serve --workers N) or replicas: each process decodes audio and text on one thread",
                 model,
             )
         if waiting:

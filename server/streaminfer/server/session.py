@@ -222,7 +222,7 @@ class Session:
         self._audio_samples = 0
         self._text_decoder = TextDecoder()
         self._loop = asyncio.get_running_loop()
-        self._lane = executor.decode.assign_lane()
+        self._lane = executor.decode.assign_lane(spread=pb.MODALITY_VIDEO in self._ledgers)
         # Chunks read and not yet answered in a written message.
         self._in_flight = 0
         # Chunks answered in the message being built.

@@ -189,21 +189,47 @@ class AudioWindower:
 
     def push(self, samples: np.ndarray) -> list[ModelInput]:
         """Buffer samples and return every full window, plus an item for chunks left with nothing to wait for."""
-        if len(samples):
-            self._buffer = np.concatenate((self._buffer, samples))
+        block, spans, leftover = self.push_block(samples)
         items = []
-        while len(self._buffer) >= self.window_samples:
-            window = self._buffer[: self.window_samples]
-            self._buffer = self._buffer[self.window_samples :]
-            items.append(self._cut(window, self.window_samples))
+        for row, (start, end, first, last, completed) in enumerate(spans):
+            items.append(
+                ModelInput(block[row], first, last, completed, start / self.sample_rate_hertz, end / self.sample_rate_hertz)
+            )
+        if leftover is not None:
+            first, completed = leftover
+            items.append(ModelInput(None, first, completed, completed))
+        return items
+
+    def push_block(
+        self, samples: np.ndarray
+    ) -> tuple[np.ndarray | None, list[tuple[int, int, int, int, int | None]], tuple[int, int] | None]:
+        """Buffer samples and cut every full window at once.
+
+        Returns three things. The windows are the rows of one
+        (windows, window_samples) array, or None when no window is full. Each
+        row has a span: start, end, first and last sequence number, and the
+        last chunk it completes or None. The last is (first, last) sequence
+        number of the chunks complete with no window of their own, or None.
+        """
+        if len(samples):
+            self._buffer = np.concatenate((self._buffer, samples)) if len(self._buffer) else samples
+        count = len(self._buffer) // self.window_samples
+        block = None
+        spans = []
+        if count:
+            cut = count * self.window_samples
+            block = self._buffer[:cut].reshape(count, self.window_samples)
+            self._buffer = self._buffer[cut:]
+            for _ in range(count):
+                spans.append(self._cut_span(self.window_samples))
 
         # A chunk with no samples of its own (empty, or fewer input samples
         # than one output sample) may already be complete.
+        leftover = None
         if self._chunks and self._chunks[0].end <= self._buffer_start:
             first = self._chunks[0].sequence_number
-            completed = self._pop_completed(self._buffer_start)
-            items.append(ModelInput(None, first, completed, completed))
-        return items
+            leftover = (first, self._pop_completed(self._buffer_start))
+        return block, spans, leftover
 
     def flush(self, last_sequence_number: int) -> ModelInput:
         """Return the partial window padded with zeros, or a None-data item when nothing is buffered.
@@ -227,6 +253,11 @@ class AudioWindower:
         return item
 
     def _cut(self, window: np.ndarray, real_samples: int) -> ModelInput:
+        start, end, first, last, completed = self._cut_span(real_samples)
+        return ModelInput(window, first, last, completed, start / self.sample_rate_hertz, end / self.sample_rate_hertz)
+
+    def _cut_span(self, real_samples: int) -> tuple[int, int, int, int, int | None]:
+        """Advance past the next window; return its start, end, first and last chunk, and the last chunk it completes."""
         start = self._buffer_start
         end = start + real_samples
         self._buffer_start = end
@@ -245,14 +276,7 @@ class AudioWindower:
         completed = self._pop_completed(end)
         if completed is not None and completed > last:
             last = completed
-        return ModelInput(
-            window,
-            first,
-            last,
-            completed,
-            start / self.sample_rate_hertz,
-            end / self.sample_rate_hertz,
-        )
+        return start, end, first, last, completed
 
     def _pop_completed(self, end: int) -> int | None:
         completed = None
@@ -437,7 +461,33 @@ class SileroVadModel(Model):
 
         output = resampler.push(samples)
         state.windower.add_chunk(chunk.sequence_number, resampler.end_position)
-        return _as_vad_inputs(state.windower.push(output))
+        block, spans, leftover = state.windower.push_block(output)
+        if block is None:
+            if leftover is None:
+                return []
+            # Only completes chunks: no inference.
+            first, completed = leftover
+            return [ModelInput(None, first, completed, completed)]
+        # One item for all the windows this chunk completed (see VadInput).
+        windows = [VadWindow(start, end, first, last) for start, end, first, last, _ in spans]
+        completes = spans[-1][4]
+        for span in spans:
+            if span[4] is not None:
+                completes = span[4]
+        last = windows[-1].last_sequence_number
+        if leftover is not None:
+            last = max(last, leftover[1])
+            completes = leftover[1]
+        return [
+            ModelInput(
+                VadInput(block, windows),
+                windows[0].first_sequence_number,
+                last,
+                completes,
+                windows[0].start / SAMPLE_RATE_HERTZ,
+                windows[-1].end / SAMPLE_RATE_HERTZ,
+            )
+        ]
 
     def flush(self, state: VadPreprocessState, last_sequence_number: int) -> list[ModelInput]:
         pieces = []
@@ -513,8 +563,11 @@ class SileroVadModel(Model):
     ) -> list[pb.StreamResult]:
         data: VadInput = item.data
         results: list[pb.StreamResult] = []
-        if output is not None:
-            for window, probability in zip(data.windows, output.tolist()):
+        probabilities = [] if output is None else output.tolist()
+        if probabilities and not options.interim_results and self._skip_quiet(state, data, probabilities):
+            probabilities = []
+        if probabilities:
+            for window, probability in zip(data.windows, probabilities):
                 if options.interim_results:
                     activity = _result(window, pb.SPEECH_EVENT_TYPE_ACTIVITY, probability, is_final=False)
                     set_duration(activity.start_time, window.start / SAMPLE_RATE_HERTZ)
@@ -526,6 +579,32 @@ class SileroVadModel(Model):
             # As offline at the end of the audio: the segment runs to the last sample.
             self._close(state, data.closing, data.closing.end, include_silence=True, results=results)
         return results
+
+    @staticmethod
+    def _skip_quiet(state: VadStreamState, data: VadInput, probabilities: list[float]) -> bool:
+        """Apply windows that cannot change the segment state machine's course in one step; True when done.
+
+        Two cases cover most windows at real-time pace. The first is silence
+        with no open segment, where every probability is below the threshold.
+        The second is the middle of an announced segment with no pending
+        silence, where every probability is at or above the negative threshold
+        and each window only adds to the segment's sums.
+        """
+        segment = state.segment
+        if segment is None:
+            if max(probabilities) >= THRESHOLD:
+                return False
+        elif segment.announced and segment.silence_start is None and min(probabilities) >= NEGATIVE_THRESHOLD:
+            # Added one by one, as the window-by-window path does, so the sums stay bit-identical.
+            total = segment.speech_probability_sum
+            for probability in probabilities:
+                total += probability
+            segment.speech_probability_sum = total
+            segment.speech_windows += len(probabilities)
+        else:
+            return False
+        state.previous_window_first_sequence_number = data.windows[len(probabilities) - 1].first_sequence_number
+        return True
 
     def _advance(
         self, state: VadStreamState, window: VadWindow, probability: float, results: list[pb.StreamResult]
