@@ -6,17 +6,18 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test monitoring-tools protos lint-proto bench bench-suite bench-vad bench-goodput bench-observability clean
+.PHONY: help install demo test monitoring-tools protos lint-proto bench bench-suite bench-vad bench-goodput bench-observability bench-peer clean
 
 help:
 	@echo "make demo        install, start the server, stream the sample media, print results"
 	@echo "make test        install the dev dependencies and run the whole test suite"
 	@echo "make monitoring-tools  install promtool and prometheus (Debian package) for tests/monitoring"
-	@echo "make bench       run every benchmark and write BENCHMARKS.md (about 30 minutes)"
+	@echo "make bench       run every benchmark and write BENCHMARKS.md (about 35 minutes)"
 	@echo "make bench-suite side by side: served vs raw model, transport vs echo, vs a plain server, capacity"
 	@echo "make bench-vad   real-time VAD streams, served against raw model throughput"
 	@echo "make bench-goodput  goodput against offered load, admission control on and off"
 	@echo "make bench-observability  throughput and latency with metrics and tracing on and off"
+	@echo "make bench-peer  real-time VAD streams against Ray Serve with @serve.batch (installs Ray; needs root)"
 	@echo "make protos      regenerate the Python code under client_sdk/streaminfer/v1"
 	@echo "make lint-proto  run buf lint on protos/"
 
@@ -60,7 +61,7 @@ protos: $(STAMP)
 lint-proto: node_modules/.bin/buf
 	node_modules/.bin/buf lint
 
-bench: bench-suite bench-vad bench-goodput bench-observability
+bench: bench-suite bench-vad bench-goodput bench-observability bench-peer
 
 bench-suite: $(STAMP)
 	$(BIN)/python benchmarks/suite.py
@@ -73,6 +74,11 @@ bench-goodput: $(STAMP)
 
 bench-observability: $(STAMP)
 	$(BIN)/python benchmarks/observability_cost.py
+
+# Ray stays out of the test environment's install; this target adds it.
+bench-peer: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[peer]'
+	$(BIN)/python benchmarks/ray_peer.py
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache

@@ -17,7 +17,7 @@ capacity   The same ramp for 10 fps JPEG video streams (768 x 576 frames of
            model for decoding and transport alone. The audio figure comes
            from the baseline comparison.
 
-Ray Serve as a peer is not part of this suite: it is not installed here.
+Ray Serve as a peer runs on its own, with benchmarks/ray_peer.py (make bench-peer).
 
 Results go to stdout, bench-results/suite.json, bench-results/suite.png and
 the side-by-side section of BENCHMARKS.md. Admission control is off in the
@@ -338,7 +338,7 @@ def markdown(report: dict) -> str:
             f"| capacity: 10 fps JPEG video streams to {row['model']} at p99 < {budget} | {row['held_streams']} | - | - | - | |"
         )
 
-    lines += ["", "Ray Serve (`@serve.batch`) as a peer is not measured: it is not installed on this machine.", ""]
+    lines += ["", "Ray Serve (`@serve.batch`) as a peer: see the peer section, written by `make bench-peer`.", ""]
     baseline = report.get("baseline", {})
     for run in [baseline.get("plain"), baseline.get("streaminfer"), *report.get("video", [])]:
         if not run:

@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import wave
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
@@ -169,6 +169,20 @@ async def send_realtime(
     Each chunk's scheduled time goes into ``scheduled`` just before its write.
     Streams start at different places in the speech (``index``).
     """
+    async for seq, when, content in paced_chunks(speech, index, first, interval, total_chunks, chunk_samples):
+        scheduled[seq] = when
+        await call.write(pb.StreamRequest(audio=pb.AudioChunk(sequence_number=seq, audio_content=content)))
+    await call.done_writing()
+
+
+async def paced_chunks(
+    speech: np.ndarray, index: int, first: float, interval: float, total_chunks: int, chunk_samples: int
+) -> AsyncIterator[tuple[int, float, bytes]]:
+    """Yield (sequence number, scheduled loop time, PCM16 bytes) of each chunk of the looped speech at its time.
+
+    Chunk n is due at ``first + n * interval``. Streams start at different
+    places in the speech (``index``).
+    """
     loop = asyncio.get_running_loop()
     for seq in range(total_chunks):
         when = first + seq * interval
@@ -176,13 +190,7 @@ async def send_realtime(
         if delay > 0:
             await asyncio.sleep(delay)
         offset = (seq * chunk_samples + index * 997) % (len(speech) - chunk_samples)
-        scheduled[seq] = when
-        await call.write(
-            pb.StreamRequest(
-                audio=pb.AudioChunk(sequence_number=seq, audio_content=speech[offset : offset + chunk_samples].tobytes())
-            )
-        )
-    await call.done_writing()
+        yield seq, when, speech[offset : offset + chunk_samples].tobytes()
 
 
 async def read_answers(call, scheduled: dict[int, float], measure_from: float, latencies: list[float]) -> tuple[int, int]:

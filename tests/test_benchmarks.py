@@ -112,3 +112,59 @@ def test_suite_transport_writes_report(tmp_path):
     completed = subprocess.run(completed.args, capture_output=True, text=True, timeout=600, cwd=BENCHMARKS)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert markdown.read_text().count("## Side by side") == 1
+
+
+@pytest.fixture(scope="module")
+def peer_proto(tmp_path_factory):
+    import ray_peer
+
+    folder = tmp_path_factory.mktemp("peer_proto")
+    ray_peer.compile_proto(folder)
+    sys.path.insert(0, str(folder))
+    try:
+        import vad_peer_pb2
+
+        yield vad_peer_pb2
+    finally:
+        sys.path.remove(str(folder))
+
+
+def test_ray_peer_batch_keeps_stream_order(peer_proto):
+    # The Ray Serve peer's batch logic, without Ray: a batch that contains two
+    # chunks of one stream must give what the chunks give one at a time.
+    import ray_peer
+
+    speech = vad_streams.load_speech_16k()
+
+    def request(stream: str, number: int):
+        # Different audio per stream, so states that crossed streams would show.
+        start = number + (20 if stream == "a" else 0)
+        window = speech[start * 512 : (start + 1) * 512]
+        return peer_proto.DetectRequest(stream_id=stream, sequence_number=number, audio_content=window.tobytes())
+
+    one_by_one = ray_peer.PeerVad(1)
+    expected = [
+        one_by_one.detect([request(stream, number)], peer_proto.DetectResponse)[0].speech_probability
+        for number in range(3)
+        for stream in ("a", "b")
+    ]
+
+    batched = ray_peer.PeerVad(1)
+    first = batched.detect([request("a", 0), request("b", 0), request("a", 1)], peer_proto.DetectResponse)
+    second = batched.detect([request("b", 1), request("a", 2), request("b", 2)], peer_proto.DetectResponse)
+    got = {(response.sequence_number, stream): response.speech_probability for response, stream in zip(first, "aba")}
+    got |= {(response.sequence_number, stream): response.speech_probability for response, stream in zip(second, "bab")}
+
+    assert [response.sequence_number for response in first] == [0, 0, 1]
+    assert batched.streams == 2
+    assert [got[(number, stream)] for number in range(3) for stream in ("a", "b")] == pytest.approx(expected, abs=1e-5)
+    assert expected[0::2] != pytest.approx(expected[1::2], abs=1e-3)
+
+
+def test_ray_peer_rejects_partial_window(peer_proto):
+    import ray_peer
+
+    vad = ray_peer.PeerVad(1)
+    short = peer_proto.DetectRequest(stream_id="a", sequence_number=0, audio_content=bytes(100))
+    with pytest.raises(ValueError, match="audio_content has 100 bytes"):
+        vad.detect([short], peer_proto.DetectResponse)
