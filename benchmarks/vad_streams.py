@@ -371,9 +371,13 @@ def audio_messages(model: str, samples: int) -> tuple[Callable[[Any], Any], Call
 async def saturation_load(
     target: str, streams: int, chunk_windows: int, in_flight: int, warmup_s: float, measure_s: float
 ) -> dict:
-    """Saturate Silero VAD with chunks of ``chunk_windows`` windows; the figure is windows per second."""
+    """Saturate Silero VAD with chunks of ``chunk_windows`` windows; the figure is windows per second.
+
+    The streams share four gRPC channels, as in the side-by-side suite: one
+    HTTP/2 connection would reach only one of several server processes.
+    """
     config, request = audio_messages("silero_vad", WINDOW * chunk_windows)
-    result = await saturate(target, streams, in_flight, config, request, warmup_s, measure_s)
+    result = await saturate(target, streams, in_flight, config, request, warmup_s, measure_s, channels=4)
     return {
         "streams": streams,
         "windows_per_chunk": chunk_windows,
