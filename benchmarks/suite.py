@@ -7,7 +7,8 @@ limit      Served throughput at saturation against the same model called
            directly in a loop at the batch size the server reached: Silero
            VAD (512-sample windows/s) and all-MiniLM-L6-v2 (sentences/s).
 transport  Messages per second through streaminfer with the no-op model
-           against a bare grpc.aio echo server, same 1,024-byte chunks.
+           against a bare grpc.aio echo server, same 1,024-byte chunks, and
+           the same ack and result per chunk back.
 baseline   Real-time 16 kHz audio streams (32 ms chunks) held at p99 under the
            budget: streaminfer against a plain grpc.aio server that calls VAD
            once per chunk with no batching. Both are found by the same
@@ -42,6 +43,7 @@ from goodput import write_markdown
 from vad_streams import REPO_ROOT, audio_messages, machine_description, run_phase, saturate
 
 BASELINE_COMMAND = [sys.executable, str(pathlib.Path(__file__).resolve().parent / "baseline_server.py"), "--port", "0"]
+ECHO_COMMAND = [sys.executable, str(vad_streams.ECHO_SERVER), "--port", "0"]
 TEXT = REPO_ROOT / "media" / "text" / "gpl3_preamble.txt"
 NOOP_MODEL = """
 [[models]]
@@ -174,7 +176,8 @@ def transport(server_args: list[str], options: argparse.Namespace) -> dict:
             target, options.transport_streams, 8, config, request, options.warmup, options.seconds, channels=4
         )
 
-    echo = phase([], load, echo=True)
+    # The echo server sends the no-op model's result with each ack, so both send the same content.
+    echo = phase([], load, command=[*ECHO_COMMAND, "--results"])
     served = phase(server_args, load, model="noop_audio")
     return {
         "streams": options.transport_streams,
@@ -322,7 +325,7 @@ def markdown(report: dict) -> str:
         row = report["transport"]
         lines.append(
             f"| transport: messages/s, {row['streams']} streams, {row['chunk_bytes']}-byte chunks | "
-            f"{row['served_messages_per_second']:,.0f} (no-op model) | {row['echo_messages_per_second']:,.0f} (grpc.aio echo) "
+            f"{row['served_messages_per_second']:,.0f} (no-op model) | {row['echo_messages_per_second']:,.0f} (grpc.aio echo, same ack and result) "
             f"| {row['ratio']:.2f} | {row['target']} | {_verdict(row['ratio'], row['target'])} |"
         )
     if "baseline" in report:

@@ -85,6 +85,51 @@ def test_baseline_rejects_other_formats():
     assert "48000" in error.details()
 
 
+def noop_chunk_responses(port: int, chunks: int) -> list[pb.StreamResponse]:
+    """Send ``chunks`` 512-sample chunks to noop_audio one at a time; return the response to each."""
+
+    async def run():
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = pb_grpc.InferenceServiceStub(channel).Stream()
+            await call.write(
+                pb.StreamRequest(
+                    config=pb.StreamConfig(
+                        models=[pb.ModelSelection(model="noop_audio")],
+                        audio_format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_LINEAR16, sample_rate_hertz=16000),
+                    )
+                )
+            )
+            await call.read()
+            responses = []
+            for number in range(chunks):
+                await call.write(pb.StreamRequest(audio=pb.AudioChunk(sequence_number=number, audio_content=bytes(1024))))
+                responses.append(await call.read())
+            await call.done_writing()
+            return responses
+
+    return asyncio.run(run())
+
+
+def test_echo_results_match_noop_model(tmp_path):
+    import suite
+
+    config = tmp_path / "server.toml"
+    config.write_text(suite.server_config())
+    servers = [
+        vad_streams.start_server([], command=[*suite.ECHO_COMMAND, "--results"]),
+        vad_streams.start_server(["--config", str(config)]),
+    ]
+    try:
+        echo, served = (noop_chunk_responses(server.port, 3) for server in servers)
+    finally:
+        for server in servers:
+            server.stop()
+
+    assert echo == served
+    assert [response.results[0].start_time.ToMilliseconds() for response in echo] == [0, 32, 64]
+    assert [response.acks[0].first_sequence_number for response in echo] == [0, 1, 2]
+
+
 def test_suite_transport_writes_report(tmp_path):
     markdown = tmp_path / "BENCHMARKS.md"
     markdown.write_text("# Benchmarks\n\n## Other section\n\nkept\n")
