@@ -9,6 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: help install demo test monitoring-tools protos lint-proto bench bench-suite bench-vad bench-goodput bench-observability bench-peer clean
 
 help:
+	@echo "make install     create .venv and install the server, SDK, load generator and dev tools"
 	@echo "make demo        install, start the server, stream the sample media, print results"
 	@echo "make test        install the dev dependencies and run the whole test suite"
 	@echo "make monitoring-tools  install promtool and prometheus (Debian package) for tests/monitoring"
