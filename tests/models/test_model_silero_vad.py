@@ -283,34 +283,6 @@ def test_interim_activity(vad: Model) -> None:
     assert len(run.results(END)) == 2
 
 
-def test_quiet_window_skip_same_events(vad: Model, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Without interim results, silence and the middle of a segment skip the
-    # window-by-window state machine; with them, every window runs it.
-    samples, rate = read_wav(MEDIA / "audio" / "speech_sample.wav")
-    stepped = []
-    advance = type(vad)._advance
-
-    def counting_advance(self, *args):
-        stepped.append(1)
-        return advance(self, *args)
-
-    monkeypatch.setattr(type(vad), "_advance", counting_advance)
-    # One window of 48 kHz audio per chunk, as at real-time pace.
-    quick = stream_audio(vad, samples, rate, chunk_samples=512 * 3)
-    quick_steps = len(stepped)
-    stepped.clear()
-    full = stream_audio(vad, samples, rate, chunk_samples=512 * 3, interim=True)
-
-    assert len(stepped) == len(full.probabilities)
-    assert quick_steps < len(quick.probabilities) / 2
-    finals = [
-        [result for _, results in run.outputs for result in results if result.speech.event_type != ACTIVITY]
-        for run in (quick, full)
-    ]
-    assert len(quick.results(END)) >= 2
-    assert finals[0] == finals[1]
-
-
 def test_batched_streams_equal_alone(vad: Model) -> None:
     rng = np.random.default_rng(1)
     recordings = []

@@ -563,11 +563,8 @@ class SileroVadModel(Model):
     ) -> list[pb.StreamResult]:
         data: VadInput = item.data
         results: list[pb.StreamResult] = []
-        probabilities = [] if output is None else output.tolist()
-        if probabilities and not options.interim_results and self._skip_quiet(state, data, probabilities):
-            probabilities = []
-        if probabilities:
-            for window, probability in zip(data.windows, probabilities):
+        if output is not None:
+            for window, probability in zip(data.windows, output.tolist()):
                 if options.interim_results:
                     activity = _result(window, pb.SPEECH_EVENT_TYPE_ACTIVITY, probability, is_final=False)
                     set_duration(activity.start_time, window.start / SAMPLE_RATE_HERTZ)
@@ -579,32 +576,6 @@ class SileroVadModel(Model):
             # As offline at the end of the audio: the segment runs to the last sample.
             self._close(state, data.closing, data.closing.end, include_silence=True, results=results)
         return results
-
-    @staticmethod
-    def _skip_quiet(state: VadStreamState, data: VadInput, probabilities: list[float]) -> bool:
-        """Apply windows that cannot change the segment state machine's course in one step; True when done.
-
-        Two cases cover most windows at real-time pace. The first is silence
-        with no open segment, where every probability is below the threshold.
-        The second is the middle of an announced segment with no pending
-        silence, where every probability is at or above the negative threshold
-        and each window only adds to the segment's sums.
-        """
-        segment = state.segment
-        if segment is None:
-            if max(probabilities) >= THRESHOLD:
-                return False
-        elif segment.announced and segment.silence_start is None and min(probabilities) >= NEGATIVE_THRESHOLD:
-            # Added one by one, as the window-by-window path does, so the sums stay bit-identical.
-            total = segment.speech_probability_sum
-            for probability in probabilities:
-                total += probability
-            segment.speech_probability_sum = total
-            segment.speech_windows += len(probabilities)
-        else:
-            return False
-        state.previous_window_first_sequence_number = data.windows[len(probabilities) - 1].first_sequence_number
-        return True
 
     def _advance(
         self, state: VadStreamState, window: VadWindow, probability: float, results: list[pb.StreamResult]
