@@ -123,7 +123,7 @@ class DecodeStage:
     the event loop: the reader drops a job in its lane's queue and moves on,
     and the decode thread submits the model inputs to the runners itself.
 
-    Streams with video are spread over all threads, because OpenCV lets go of
+    Streams with video are spread over all threads, because OpenCV releases
     the GIL while it decodes an image, so frames decode in parallel. Streams
     of audio and text share the first thread: their decoding holds the GIL
     (small numpy operations and Python), so a second thread cannot run it in
@@ -174,7 +174,7 @@ class DecodeStage:
     def assign_lane(self, spread: bool = True) -> int:
         """Return the lane for a new stream: round robin when ``spread``, else the first lane.
 
-        Spread streams whose decoding lets go of the GIL (images); keep the
+        Spread streams whose decoding releases the GIL (images), and keep the
         others on the first lane.
         """
         if not spread:

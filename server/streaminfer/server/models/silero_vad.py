@@ -470,11 +470,9 @@ class SileroVadModel(Model):
             return [ModelInput(None, first, completed, completed)]
         # One item for all the windows this chunk completed (see VadInput).
         windows = [VadWindow(start, end, first, last) for start, end, first, last, _ in spans]
-        completes = spans[-1][4]
-        for span in spans:
-            if span[4] is not None:
-                completes = span[4]
         last = windows[-1].last_sequence_number
+        # The last chunk completed: by the leftover item, else by the last window that completes one.
+        completes = next((span[4] for span in reversed(spans) if span[4] is not None), None)
         if leftover is not None:
             last = max(last, leftover[1])
             completes = leftover[1]
