@@ -10,10 +10,12 @@ of streams that met their budget.
 
 Three servers run the same sweep, one after the other, on this machine:
 
-- admission on: ``admission.max_streams`` = ``--max-streams`` and load
-  shedding at ``--max-queue-wait-ms`` of projected queue wait;
-- shedding only: no configured stream cap, load shedding at ``--max-queue-wait-ms``
-  with the stream cap learned from overloads (``admission.learn_max_streams``);
+- admission on: ``admission.max_streams`` = ``--max-streams``, sized from
+  this benchmark, and load shedding at ``--max-queue-wait-ms`` of projected
+  queue wait. The sized cap replaces the busy-fraction check, which is off.
+- shedding only: the defaults without a sized cap: load shedding at
+  ``--max-busy-fraction`` of projected busy fraction and at
+  ``--max-queue-wait-ms`` of projected queue wait;
 - admission off: no stream cap and no load shedding.
 
 A rejected stream is not retried: on a real deployment it would go to
@@ -28,6 +30,7 @@ import asyncio
 import datetime
 import json
 import pathlib
+import re
 import sys
 import tempfile
 import threading
@@ -48,6 +51,7 @@ from vad_streams import (
 RESULTS = REPO_ROOT / "bench-results"
 HEALTH_PROBE_INTERVAL_S = 0.1
 RSS_SAMPLE_INTERVAL_S = 0.5
+BUSY_SAMPLE_INTERVAL_S = 0.5
 SECTION_START = "<!-- goodput:start -->"
 SECTION_END = "<!-- goodput:end -->"
 
@@ -55,14 +59,15 @@ SECTION_END = "<!-- goodput:end -->"
 MODES = {"on": "admission on", "shed": "shedding only", "off": "admission off"}
 
 
-def server_config(mode: str, max_streams: int, max_queue_wait_ms: float) -> str:
+def server_config(mode: str, max_streams: int, max_queue_wait_ms: float, max_busy_fraction: float) -> str:
     """Return the TOML config of the served VAD model for one admission mode."""
+    shedding = f"max_queue_wait_ms = {max_queue_wait_ms}\nmax_busy_fraction = {max_busy_fraction}\n"
     if mode == "on":
-        admission_table = f"max_streams = {max_streams}\nmax_queue_wait_ms = {max_queue_wait_ms}\n"
+        admission_table = f"max_streams = {max_streams}\nmax_queue_wait_ms = {max_queue_wait_ms}\nmax_busy_fraction = 0\n"
     elif mode == "shed":
-        admission_table = f"max_streams = 100000\nmax_queue_wait_ms = {max_queue_wait_ms}\nlearn_max_streams = true\n"
+        admission_table = f"max_streams = 100000\n{shedding}"
     else:
-        admission_table = "max_streams = 100000\nmax_queue_wait_ms = 0\n"
+        admission_table = "max_streams = 100000\nmax_queue_wait_ms = 0\nmax_busy_fraction = 0\n"
     return f"""
 [admission]
 {admission_table}retry_pushback_ms = 1000
@@ -226,6 +231,49 @@ class RssSampler:
             self._stop.wait(RSS_SAMPLE_INTERVAL_S)
 
 
+class BusySampler:
+    """A thread that reads the server's busy fraction from its /metrics page, with the seconds since start."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._started = time.monotonic()
+        self.samples: list[tuple[float, float]] = []
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def median_between(self, first_s: float, last_s: float) -> float | None:
+        """Return the median fraction sampled from ``first_s`` to ``last_s`` seconds after start."""
+        values = [value for at, value in self.samples if first_s <= at <= last_s]
+        return float(np.median(values)) if values else None
+
+    def _run(self) -> None:
+        import urllib.request
+
+        while not self._stop.is_set():
+            with urllib.request.urlopen(self._url, timeout=5) as response:
+                text = response.read().decode()
+            match = re.search(r"(?m)^streaminfer_busy_fraction (\S+)$", text)
+            if match:
+                self.samples.append((time.monotonic() - self._started, float(match.group(1))))
+            self._stop.wait(BUSY_SAMPLE_INTERVAL_S)
+
+
+def metrics_url(server_log: list[str]) -> str:
+    """Return the /metrics address the server printed when it started."""
+    for line in server_log:
+        match = re.search(r"streaminfer metrics on (http://\S+/metrics)", line)
+        if match:
+            return match.group(1)
+    raise RuntimeError("the server did not print its metrics address")
+
+
 def run_sweep(label: str, config_text: str, levels: list[int], args: argparse.Namespace) -> list[dict]:
     import uvloop
 
@@ -241,6 +289,9 @@ def run_sweep(label: str, config_text: str, levels: list[int], args: argparse.Na
                 cpu_before = server.cpu_seconds()
                 sampler = RssSampler(server.process.pid)
                 sampler.start()
+                busy = BusySampler(metrics_url(server.log)) if "max_busy_fraction = 0\n" not in config_text else None
+                if busy is not None:
+                    busy.start()
                 row = uvloop.run(
                     offered_load(
                         f"127.0.0.1:{server.port}",
@@ -253,6 +304,10 @@ def run_sweep(label: str, config_text: str, levels: list[int], args: argparse.Na
                     )
                 )
                 row["server_rss_mib"] = sampler.stop()
+                if busy is not None:
+                    busy.stop()
+                    # From a second after the last stream opened until the first one ends.
+                    row["busy_fraction"] = busy.median_between(0.5 + args.ramp_s + 1.0, 0.5 + args.duration_s)
                 row["wall_seconds"] = round(time.monotonic() - started, 1)
                 row["server_cpu_percent"] = round(100 * (server.cpu_seconds() - cpu_before) / row["wall_seconds"])
                 rows.append(row)
@@ -261,7 +316,8 @@ def run_sweep(label: str, config_text: str, levels: list[int], args: argparse.Na
                 print(
                     f"[{label}] {streams} offered: {row['admitted']} admitted, goodput {row['goodput']}, "
                     f"p99 {p99}, rejected {row['rejected']}, slowest health check {health}, "
-                    f"server RSS {row['server_rss_mib']} MiB",
+                    f"server RSS {row['server_rss_mib']} MiB"
+                    + ("" if row.get("busy_fraction") is None else f", busy fraction {row['busy_fraction']:.2f}"),
                     flush=True,
                 )
                 time.sleep(1.0)
@@ -320,18 +376,22 @@ def markdown(report: dict) -> str:
         f"streams open over {report['ramp_s']:g} s. A stream meets its budget when it is admitted, every chunk is "
         f"acknowledged and 99 % of its chunks are acknowledged within {report['budget_ms']:g} ms of their scheduled "
         f"send time (the first {report['warmup_s']:g} s are not timed). Admission on: "
-        f"`admission.max_streams = {report['max_streams']}`, `admission.max_queue_wait_ms = {report['max_queue_wait_ms']:g}`. "
-        f"Shedding only: no configured stream cap, `admission.max_queue_wait_ms = {report['max_queue_wait_ms']:g}`, "
-        "`admission.learn_max_streams = true`. "
-        "Admission off: neither. A rejected stream is not retried. "
+        f"`admission.max_streams = {report['max_streams']}` (sized from this benchmark), "
+        f"`admission.max_queue_wait_ms = {report['max_queue_wait_ms']:g}`, the busy-fraction check off. "
+        "Shedding only: no configured stream cap, "
+        f"`admission.max_busy_fraction = {report['max_busy_fraction']:g}` (the default), "
+        f"`admission.max_queue_wait_ms = {report['max_queue_wait_ms']:g}`. "
+        "Admission off: none of them. A rejected stream is not retried. "
         "The load generator runs on the same 2 cores as the server, so past capacity it competes for CPU too. "
         f"A health check goes to the server every {HEALTH_PROBE_INTERVAL_S * 1000:.0f} ms on its own connection; "
-        "server RSS is the largest resident size sampled during the run.",
+        "server RSS is the largest resident size sampled during the run. The busy fraction is the median of "
+        f"`streaminfer_busy_fraction` read every {BUSY_SAMPLE_INTERVAL_S:g} s while every admitted stream was open "
+        "(only the shedding-only server measures it).",
         "",
         "![goodput against offered streams](bench-results/goodput.svg)",
         "",
-        "| admission | offered | admitted | rejected | goodput | p50 ms | p99 ms | health p99 / max ms | server CPU % | server RSS MiB |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| admission | offered | admitted | rejected | goodput | p50 ms | p99 ms | health p99 / max ms | busy fraction | server CPU % | server RSS MiB |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for mode, rows in report["sweeps"].items():
         label = MODES[mode].removeprefix("admission ")
@@ -342,9 +402,10 @@ def markdown(report: dict) -> str:
             health = "-" if row["health_p99_ms"] is None else f"{row['health_p99_ms']:.0f} / {row['health_max_ms']:.0f}"
             if row["health_failures"]:
                 health += f" ({row['health_failures']} failed)"
+            busy = "-" if row.get("busy_fraction") is None else f"{row['busy_fraction']:.2f}"
             lines.append(
                 f"| {label} | {row['offered']} | {row['admitted']} | {rejected} | {row['goodput']} | {p50} | {p99} | "
-                f"{health} | {row['server_cpu_percent']} | {row['server_rss_mib']} |"
+                f"{health} | {busy} | {row['server_cpu_percent']} | {row['server_rss_mib']} |"
             )
     summary = report["summary"]
     at_top = "; ".join(
@@ -392,10 +453,18 @@ def main() -> int:
         "--max-queue-wait-ms",
         type=float,
         default=100.0,
-        help="admission.max_queue_wait_ms of the admission-on server, milliseconds (default: 100)",
+        help="admission.max_queue_wait_ms of every server but admission off, milliseconds (default: 100)",
     )
     parser.add_argument(
-        "--modes", default="on,shed,off", help="admission modes to sweep: on, shed, off (default: on,shed,off)"
+        "--max-busy-fraction",
+        type=float,
+        default=0.75,
+        help="admission.max_busy_fraction of the shedding-only server, a fraction from 0 to 1 (default: 0.75)",
+    )
+    parser.add_argument(
+        "--modes",
+        default="on,shed,off",
+        help="admission modes to sweep: on, shed, off (default: on,shed,off)",
     )
     parser.add_argument(
         "--no-write", action="store_true", help="print the figures only; leave BENCHMARKS.md and bench-results/ alone"
@@ -414,13 +483,19 @@ def main() -> int:
         "budget_ms": args.budget_ms,
         "max_streams": args.max_streams,
         "max_queue_wait_ms": args.max_queue_wait_ms,
+        "max_busy_fraction": args.max_busy_fraction,
     }
     modes = [mode.strip() for mode in args.modes.split(",")]
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown:
         parser.error(f"--modes: unknown mode(s) {', '.join(unknown)}; expected on, shed or off")
     report["sweeps"] = {
-        mode: run_sweep(MODES[mode], server_config(mode, args.max_streams, args.max_queue_wait_ms), levels, args)
+        mode: run_sweep(
+            MODES[mode],
+            server_config(mode, args.max_streams, args.max_queue_wait_ms, args.max_busy_fraction),
+            levels,
+            args,
+        )
         for mode in modes
     }
 

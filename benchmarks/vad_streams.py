@@ -427,6 +427,7 @@ def config_without_admission() -> str:
     for pattern, replacement in (
         (r"(?m)^max_streams = \d+$", "max_streams = 1000000"),
         (r"(?m)^max_queue_wait_ms = [\d.]+$", "max_queue_wait_ms = 0"),
+        (r"(?m)^max_busy_fraction = [\d.]+$", "max_busy_fraction = 0"),
     ):
         text, count = re.subn(pattern, replacement, text)
         if count != 1:

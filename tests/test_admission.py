@@ -93,3 +93,20 @@ def test_projected_wait_rejects_new_stream(limited: ServerThread) -> None:
     assert "about 400 ms in its queues (model silero_vad: 300 item(s) queued)" in error.details()
     assert "admission.max_queue_wait_ms of 250 ms" in error.details()
     assert pushback_ms(error) == 700
+
+
+def test_projected_busy_fraction_rejects_new_stream(limited: ServerThread) -> None:
+    from streaminfer.server.load import BusyProjection
+
+    service = limited.server.service
+    service.busy_projection = lambda: BusyProjection(measured=0.62, projected=0.83, streams=140)
+    try:
+        with grpc.insecure_channel(limited.target) as channel:
+            error = rejection(channel, (("x-api-key", "overload-test"),))
+    finally:
+        service.busy_projection = limited.server.monitor.busy_projection
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "62% of the last second with 140 open streams" in error.details()
+    assert "one more stream projects 83%, over its admission.max_busy_fraction of 0.75" in error.details()
+    assert pushback_ms(error) == 700
+    assert service.rejected["UNAVAILABLE"] >= 1

@@ -213,3 +213,26 @@ def test_ray_peer_rejects_partial_window(peer_proto):
     short = peer_proto.DetectRequest(stream_id="a", sequence_number=0, audio_content=bytes(100))
     with pytest.raises(ValueError, match="audio_content has 100 bytes"):
         vad.detect([short], peer_proto.DetectResponse)
+
+
+def test_wake_probe_cost_prints_ratio():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "wake_probe_cost.py"), "--rounds", "1", "--seconds", "0.3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "round 1/1:" in result.stdout
+    ratio = float(result.stdout.rsplit("median ratio with / without the probe: ", 1)[1])
+    # The probe takes a small share of a busy thread's time; a ratio far from 1 means a broken run.
+    assert 0.5 < ratio < 1.5
+
+
+def test_goodput_finds_metrics_address():
+    import goodput
+
+    log = ["streaminfer listening on 127.0.0.1:50123", "streaminfer metrics on http://127.0.0.1:50124/metrics"]
+    assert goodput.metrics_url(log) == "http://127.0.0.1:50124/metrics"
+    with pytest.raises(RuntimeError):
+        goodput.metrics_url(log[:1])

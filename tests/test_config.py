@@ -25,6 +25,16 @@ def test_default_config_loads() -> None:
     assert config.limits.max_chunks_in_flight == 64
 
 
+def test_busy_fraction_out_of_range_is_rejected(tmp_path) -> None:
+    assert load_config(None).admission.max_busy_fraction == 0.75
+    text = default_config_text().replace("max_busy_fraction = 0.75", "max_busy_fraction = 80")
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text))
+    assert "admission.max_busy_fraction = 80 is invalid: expected a fraction from 0 to 1 (0 turns it off)" in str(
+        error.value
+    )
+
+
 def test_misspelled_key_is_rejected(tmp_path) -> None:
     text = default_config_text().replace("max_batch_size = 256", "max_batch_sise = 256")
     with pytest.raises(ConfigError) as error:

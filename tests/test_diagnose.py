@@ -454,7 +454,7 @@ SMALL_WINDOWS = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 163
 @contextlib.contextmanager
 def serving(config: ServerConfig) -> Iterator[ServerThread]:
     """Run ``config`` on loopback with admission by queue wait off, so that every load stream is admitted."""
-    config = dataclasses.replace(config, admission=AdmissionConfig(max_queue_wait_ms=0))
+    config = dataclasses.replace(config, admission=AdmissionConfig(max_queue_wait_ms=0, max_busy_fraction=0))
     thread = ServerThread(loopback_config(config)).start()
     try:
         yield thread

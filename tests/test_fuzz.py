@@ -67,7 +67,7 @@ def fuzz_server() -> Iterator[ServerThread]:
         models=tuple(model for model in base.models if model.name in MODELS),
         # Admission by projected queue wait would reject streams on a busy
         # machine, and these tests are about message handling.
-        admission=AdmissionConfig(max_queue_wait_ms=0),
+        admission=AdmissionConfig(max_queue_wait_ms=0, max_busy_fraction=0),
     )
     thread = ServerThread(config).start()
     yield thread

@@ -24,7 +24,7 @@ def test_hung_batch_marks_model_unhealthy() -> None:
         runner.start()
         config = ServerConfig(models=(model_config,), limits=LimitsConfig(model_hang_timeout_s=0.3))
         executor = types.SimpleNamespace(config=config, runners={"slow": runner}, decode=DecodeStage(1))
-        service = types.SimpleNamespace(active_sessions={})
+        service = types.SimpleNamespace(active_sessions={}, rejected={})
         changes: list[bool] = []
 
         async def record(healthy: bool) -> None:
@@ -132,3 +132,126 @@ def test_stream_cap_learned_from_overload() -> None:
     assert monitor.learned_max_streams == 84
     checks(84, 0.3, 1)  # overloaded again at 84: the cap falls to the calm count since
     assert monitor.learned_max_streams == 80
+
+
+ON_TIME = 0.00005
+LATE = 0.001
+
+
+def wakes(late: int, total: int = 50) -> list[float]:
+    return [LATE] * late + [ON_TIME] * (total - late)
+
+
+def test_busy_fraction_projects_cost_per_stream() -> None:
+    from streaminfer.server.load import BusyMeter
+
+    meter = BusyMeter(0.8)
+    assert meter.project(0) is None  # no wakes yet
+    for _ in range(8):
+        meter.add_check(wakes(0), streams=0.0, changed_streams=0)
+    assert meter.idle_fraction == 0.0
+    # A steady second at 100 streams with 40 % of wakes late: 0.004 per stream.
+    for _ in range(4):
+        meter.add_check(wakes(20), streams=100.0, changed_streams=0)
+    assert meter.fraction() == 0.4
+    assert meter.steady_cost is not None and abs(meter.steady_cost - 0.004) < 1e-12
+    projection = meter.project(150)
+    assert projection is not None
+    assert abs(projection.projected - 0.604) < 1e-9
+    assert projection.measured == 0.4
+    assert projection.streams == 100.0
+    # The projection never falls under what is measured.
+    projection = meter.project(10)
+    assert projection is not None and projection.projected == 0.4
+
+
+def test_busy_burst_of_new_streams_keeps_steady_cost() -> None:
+    from streaminfer.server.load import BusyMeter
+
+    meter = BusyMeter(0.8)
+    for _ in range(4):
+        meter.add_check(wakes(20), streams=100.0, changed_streams=0)
+    steady = meter.steady_cost
+    # 80 streams opened within the second: setting them up costs more than
+    # carrying them, so the steady cost stays and the 180 open streams count at it.
+    for _ in range(4):
+        meter.add_check(wakes(30), streams=120.0, changed_streams=20)
+    assert meter.steady_cost == steady
+    projection = meter.project(180)
+    assert projection is not None and abs(projection.projected - 0.724) < 1e-9
+
+
+def test_busy_cost_not_learned_past_limit() -> None:
+    from streaminfer.server.load import BusyMeter
+
+    meter = BusyMeter(0.8)
+    for _ in range(4):
+        meter.add_check(wakes(20), streams=100.0, changed_streams=0)
+    # 150 streams more, then saturated: 44 of 50 wakes late with 250 streams
+    # would price a stream at 0.0035, under the 0.004 learned.
+    meter.add_check(wakes(44), streams=250.0, changed_streams=150)
+    for _ in range(8):
+        meter.add_check(wakes(44), streams=250.0, changed_streams=0)
+    assert meter.steady_cost is not None and abs(meter.steady_cost - 0.004) < 1e-12
+
+
+def test_busy_cost_before_steady_second() -> None:
+    from streaminfer.server.load import BusyMeter
+
+    meter = BusyMeter(0.8)
+    # Streams opening from the start: the cost over the last second is used, 0.3 over 50 streams.
+    for _ in range(4):
+        meter.add_check(wakes(15), streams=50.0, changed_streams=25)
+    assert meter.steady_cost is None
+    projection = meter.project(120)
+    assert projection is not None and abs(projection.projected - 0.726) < 1e-9
+    # Fewer than 8 streams on average: too few to price one, so only the measure counts.
+    small = BusyMeter(0.8)
+    for _ in range(4):
+        small.add_check(wakes(5), streams=4.0, changed_streams=1)
+    projection = small.project(60)
+    assert projection is not None and projection.projected == 0.1
+
+
+def test_late_wakes_counted_from_the_timers_own_delay() -> None:
+    from streaminfer.server.load import BusyMeter
+
+    meter = BusyMeter(0.8)
+    # A slow timer wakes 0.5 ms late even when idle, so only wakes 0.2 ms past that are late.
+    for _ in range(4):
+        meter.add_check([0.0005] * 40 + [0.0006] * 5 + [0.0008] * 5, streams=0.0, changed_streams=0)
+    assert meter.fraction() == 0.1
+
+
+def test_wake_probe_sees_a_thread_holding_the_gil() -> None:
+    import threading
+
+    from streaminfer.server.load import LATE_WAKE_S, WakeProbe
+
+    def late_share(lateness: list[float]) -> float:
+        return sum(1 for value in lateness if value > min(lateness) + LATE_WAKE_S) / len(lateness)
+
+    probe = WakeProbe()
+    probe.start()
+    try:
+        time.sleep(0.5)
+        idle = probe.take()
+        stop = threading.Event()
+
+        def spin() -> None:
+            count = 0
+            while not stop.is_set():
+                count += 1
+
+        spinner = threading.Thread(target=spin)
+        spinner.start()
+        time.sleep(0.5)
+        busy = probe.take()
+        stop.set()
+        spinner.join()
+    finally:
+        probe.stop()
+    # Pure Python holds the GIL until the switch interval makes it let go.
+    assert len(idle) >= 20 and len(busy) >= 5
+    assert late_share(busy) >= 0.5
+    assert late_share(busy) > late_share(idle) + 0.3

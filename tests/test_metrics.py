@@ -144,7 +144,7 @@ def test_open_stream_counts_as_active_with_credits(server) -> None:
 
 def test_rejections_by_reason() -> None:
     base = load_config(None)
-    config = loopback_config(dataclasses.replace(base, admission=AdmissionConfig(max_streams=1, max_queue_wait_ms=0)))
+    config = loopback_config(dataclasses.replace(base, admission=AdmissionConfig(max_streams=1, max_queue_wait_ms=0, max_busy_fraction=0)))
     thread = ServerThread(config).start()
     try:
         before = scrape(thread.server.metrics_port)

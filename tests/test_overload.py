@@ -433,7 +433,7 @@ ADMISSION_LIMIT = 4
 def admission_server() -> Iterator[ServerThread]:
     config = server_config(
         ("silero_vad",),
-        admission=AdmissionConfig(max_streams=ADMISSION_LIMIT, max_queue_wait_ms=0, retry_pushback_ms=PUSHBACK_MS),
+        admission=AdmissionConfig(max_streams=ADMISSION_LIMIT, max_queue_wait_ms=0, max_busy_fraction=0, retry_pushback_ms=PUSHBACK_MS),
     )
     with running(config) as thread:
         yield thread
@@ -484,7 +484,7 @@ def test_burst_of_streams_admitted_or_rejected() -> None:
     count, limit = 2000, 50
     config = server_config(
         ("silero_vad",),
-        admission=AdmissionConfig(max_streams=limit, max_queue_wait_ms=0, retry_pushback_ms=PUSHBACK_MS),
+        admission=AdmissionConfig(max_streams=limit, max_queue_wait_ms=0, max_busy_fraction=0, retry_pushback_ms=PUSHBACK_MS),
     )
     with running(config) as thread:
         outcomes = run_client("burst", thread.target, str(count))

@@ -60,6 +60,7 @@ class StreaminferServer:
         self.monitor = LoadMonitor(self.executor, self.service, self._set_healthy)
         self.service.projected_wait = self.monitor.projected_wait
         self.service.learned_max_streams = lambda: self.monitor.learned_max_streams
+        self.service.busy_projection = self.monitor.busy_projection
         self.service.unhealthy_models = self.monitor.unhealthy_models
         self.port = 0
         # The bound /metrics port; None when metrics are off.

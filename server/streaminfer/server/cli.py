@@ -10,6 +10,9 @@ import sys
 from streaminfer.server import logs
 from streaminfer.server.config import ConfigError, default_config_text, load_config
 
+# Seconds; STREAMINFER_SWITCH_INTERVAL_S overrides it.
+DEFAULT_SWITCH_INTERVAL_S = 0.0005
+
 
 def _serve(options: argparse.Namespace) -> int:
     overrides = {
@@ -30,7 +33,7 @@ def _serve(options: argparse.Namespace) -> int:
     # Inference and decode threads take the GIL back from the busy event
     # loop several times per batch. At Python's default 5 ms switch interval
     # each hand-off can stall them for that long.
-    switch_interval = float(os.environ.get("STREAMINFER_SWITCH_INTERVAL_S", "0.0005"))
+    switch_interval = float(os.environ.get("STREAMINFER_SWITCH_INTERVAL_S", DEFAULT_SWITCH_INTERVAL_S))
     if options.workers < 1:
         print(f"streaminfer: --workers {options.workers} is invalid: expected 1 or more", file=sys.stderr)
         return 2

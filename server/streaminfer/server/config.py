@@ -90,6 +90,11 @@ class AdmissionConfig:
     # New streams get UNAVAILABLE while the projected queue wait (event loop
     # lag, decode and model queues) is above this; 0 turns the check off.
     max_queue_wait_ms: float = 250.0
+    # New streams get UNAVAILABLE when one more stream would raise the busy
+    # fraction over this: the share of moments the server's Python threads
+    # wait for the GIL or a CPU, projected from its cost per open stream.
+    # 0 turns the check off.
+    max_busy_fraction: float = 0.75
     # Sent in grpc-retry-pushback-ms with every rejection for load.
     retry_pushback_ms: int = 1000
     # Learn a stream cap from overloads: when the projected wait passes
@@ -195,6 +200,15 @@ def _non_negative(table: Mapping[str, Any], key: str, default: float, where: str
     return float(value)
 
 
+def _fraction(table: Mapping[str, Any], key: str, default: float, where: str) -> float:
+    value = table.get(key, default)
+    _require(
+        isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1,
+        f"{where}.{key} = {value!r} is invalid: expected a fraction from 0 to 1 (0 turns it off)",
+    )
+    return float(value)
+
+
 def _non_negative_int(table: Mapping[str, Any], key: str, default: int, where: str) -> int:
     value = table.get(key, default)
     _require(
@@ -286,7 +300,7 @@ _KNOWN_KEYS = {
         "metrics_host",
         "log_chunks",
     ),
-    "admission": ("max_streams", "max_queue_wait_ms", "retry_pushback_ms", "learn_max_streams"),
+    "admission": ("max_streams", "max_queue_wait_ms", "max_busy_fraction", "retry_pushback_ms", "learn_max_streams"),
     "rate_limits": ("streams_per_second", "stream_burst", "chunks_per_second", "chunk_burst"),
     "auth": ("api_keys", "api_keys_file"),
     "tracing": ("chunk_sample_ratio",),
@@ -379,6 +393,7 @@ def config_from_mapping(data: Mapping[str, Any]) -> ServerConfig:
         max_queue_wait_ms=_non_negative(
             admission_table, "max_queue_wait_ms", default_admission.max_queue_wait_ms, "admission", "milliseconds"
         ),
+        max_busy_fraction=_fraction(admission_table, "max_busy_fraction", default_admission.max_busy_fraction, "admission"),
         retry_pushback_ms=_non_negative_int(
             admission_table, "retry_pushback_ms", default_admission.retry_pushback_ms, "admission"
         ),

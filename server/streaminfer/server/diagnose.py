@@ -76,7 +76,7 @@ HEALTHY_BUSY = 0.5
 HEALTHY_LATENCY_S = 0.02
 HEALTHY_DROP_SHARE = 0.01
 # Rejections that mean the server is at capacity (admission), not a client problem.
-LOAD_REJECTIONS = ("max_streams", "learned_max_streams", "queue_wait", "draining")
+LOAD_REJECTIONS = ("max_streams", "learned_max_streams", "busy", "queue_wait", "draining")
 
 # The metrics read, as exported by streaminfer.server.metrics.
 M_CHUNKS_RECEIVED = "streaminfer_chunks_received_total"

@@ -1,4 +1,4 @@
-"""How far behind the server is, and the timers that end streams and flag hung models.
+"""How far behind the server is, how close to its limit, and the timers that end streams and flag hung models.
 
 LoadMonitor runs on the event loop. Every tick it measures the loop's lag: how
 late a timer fires, which is how long any message waits before the loop
@@ -7,6 +7,14 @@ measures: the loop lag, the decode backlog, each model's queued batches times
 its batch time, and the median audio backlog. The audio backlog is how far the
 server reads real-time audio streams behind the pace their clients send at.
 Admission control compares the projection with its budget.
+
+Queue waits show an overload only once it has begun. The busy fraction shows
+it coming: a probe thread wakes every few milliseconds, and a wake is late
+when the thread had to wait for the GIL or a CPU. The share of late wakes
+rises with the load, close to in proportion to the open streams, well before
+queues grow. Admission projects it for one more stream from the cost per
+stream learned in steady seconds, so a fast ramp of new streams is stopped
+before they all start sending.
 
 Every ``CHECK_INTERVAL_S`` it also ends streams that passed a time limit
 (idle, maximum duration), aborts streams whose client stopped reading
@@ -18,7 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
+import random
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -45,6 +56,153 @@ PROBE_STEP = 0.05
 CHECK_INTERVAL_S = 0.25
 # Loop lag is the largest of the last this many ticks (about one second).
 LAG_WINDOW_TICKS = 50
+# The wake probe sleeps a random 0.5 to 1.5 times this between wakes.
+PROBE_MEAN_SLEEP_S = 0.005
+# A wake is late when it comes this much later than the earliest wake of the
+# last BASE_WINDOW_CHECKS checks (10 s), which is the timer's own delay.
+LATE_WAKE_S = 0.0002
+BASE_WINDOW_CHECKS = 40
+# The busy fraction covers the last this many checks (one second), and needs
+# this many wakes to be measured at all.
+BUSY_WINDOW_CHECKS = 4
+BUSY_MIN_WAKES = 20
+# The cost of one stream is learned once this many streams were open on
+# average over the measured second. With fewer, it is lost in sampling noise.
+PROJECT_MIN_STREAMS = 8
+# A second is steady when the streams admitted, rejected or ended within it
+# are at most this share of those open. Opening and rejecting streams costs
+# more than carrying them, and an ended stream's load stays in the measure
+# for up to a second, so both make each stream look dearer than it is.
+STEADY_NEW_SHARE = 0.05
+# Weights per check of the exponential averages: the idle server's busy
+# fraction (while no stream is open) and the steady cost per stream.
+IDLE_WEIGHT = 0.1
+COST_WEIGHT = 0.25
+
+
+class WakeProbe:
+    """A thread that sleeps for short random spells and records how late it wakes.
+
+    A Python thread that wakes must take the GIL, and a CPU, before it runs.
+    While both are free, it wakes within the timer's own delay of tens of
+    microseconds. While another thread holds the GIL, it waits up to the
+    switch interval. Random spells keep the wakes from locking onto a
+    periodic task.
+    """
+
+    def __init__(self, mean_sleep_s: float = PROBE_MEAN_SLEEP_S) -> None:
+        self._mean_sleep_s = mean_sleep_s
+        self._lock = threading.Lock()
+        self._lateness: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wake-probe", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1.0)
+
+    def take(self) -> list[float]:
+        """Return how late, in seconds, each wake since the last call came."""
+        with self._lock:
+            taken, self._lateness = self._lateness, []
+        return taken
+
+    def _run(self) -> None:
+        clock = time.perf_counter
+        spells = random.Random()
+        while not self._stop.is_set():
+            sleep_s = self._mean_sleep_s * (0.5 + spells.random())
+            planned = clock() + sleep_s
+            time.sleep(sleep_s)
+            lateness = clock() - planned
+            with self._lock:
+                self._lateness.append(lateness)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BusyProjection:
+    """The busy fraction measured over the last second, and what one more stream would make it."""
+
+    measured: float
+    projected: float
+    # Open streams, averaged over the measured second.
+    streams: float
+
+
+class BusyMeter:
+    """The busy fraction over the last second, and what each open stream adds to it.
+
+    The cost of a stream is the busy fraction above the idle server's, over
+    the streams open while it was measured. It is learned from steady
+    seconds with the fraction at most ``limit``. Until there has been one,
+    the cost over the last second is used. Past the limit the fraction
+    flattens as the server saturates, so more streams would look cheaper
+    each and let still more in.
+    """
+
+    def __init__(self, limit: float) -> None:
+        self._limit = limit
+        # Per check: wakes, late wakes, the open streams weighted by the share of the check they were open,
+        # and the streams admitted, rejected or ended during it.
+        self._checks: collections.deque[tuple[int, int, float, int]] = collections.deque(maxlen=BUSY_WINDOW_CHECKS)
+        self._earliest_wakes: collections.deque[float] = collections.deque(maxlen=BASE_WINDOW_CHECKS)
+        self.idle_fraction = 0.0
+        self.steady_cost: float | None = None
+
+    def add_check(self, lateness: list[float], streams: float, changed_streams: int) -> None:
+        """Count one check's late wakes, with the streams open during it and those admitted, rejected or ended."""
+        if lateness:
+            self._earliest_wakes.append(min(lateness))
+        late_after = min(self._earliest_wakes, default=0.0) + LATE_WAKE_S
+        late = sum(1 for value in lateness if value > late_after)
+        self._checks.append((len(lateness), late, streams, changed_streams))
+        changes = sum(check[3] for check in self._checks)
+        measured, streams_open = self.fraction(), self.streams()
+        if measured is None or len(self._checks) < BUSY_WINDOW_CHECKS:
+            return
+        if streams_open == 0 and changes == 0:
+            self.idle_fraction += IDLE_WEIGHT * (measured - self.idle_fraction)
+        elif (
+            streams_open >= PROJECT_MIN_STREAMS
+            and changes <= STEADY_NEW_SHARE * streams_open
+            and measured <= self._limit
+        ):
+            cost = max(0.0, measured - self.idle_fraction) / streams_open
+            self.steady_cost = cost if self.steady_cost is None else self.steady_cost + COST_WEIGHT * (cost - self.steady_cost)
+
+    def fraction(self) -> float | None:
+        """Return the share of the last second's wakes that were late; None before enough wakes."""
+        wakes = sum(check[0] for check in self._checks)
+        if wakes < BUSY_MIN_WAKES:
+            return None
+        return sum(check[1] for check in self._checks) / wakes
+
+    def streams(self) -> float:
+        """Return the streams open over the last second, on average."""
+        return sum(check[2] for check in self._checks) / len(self._checks) if self._checks else 0.0
+
+    def project(self, open_streams: int) -> BusyProjection | None:
+        """Project the busy fraction with one stream more than ``open_streams``; None before enough wakes.
+
+        Streams admitted in the last second count at the cost per stream
+        though their load has not shown yet, which is what stops a burst of
+        new streams: queue waits would let them all in. The projection is
+        never under the measured fraction.
+        """
+        measured = self.fraction()
+        if measured is None:
+            return None
+        streams = self.streams()
+        cost = self.steady_cost
+        if cost is None and streams >= PROJECT_MIN_STREAMS:
+            cost = max(0.0, measured - self.idle_fraction) / streams
+        projected = measured
+        if cost is not None:
+            projected = max(measured, self.idle_fraction + cost * (open_streams + 1))
+        return BusyProjection(measured, projected, streams)
 
 
 class LoadMonitor:
@@ -69,16 +227,26 @@ class LoadMonitor:
         self._calm_checks = 0
         self._calm_since = 0.0
         self.streams_ended = collections.Counter[str]()
+        # The probe runs while admission uses the busy fraction (admission.max_busy_fraction).
+        self._probe = WakeProbe() if executor.config.admission.max_busy_fraction > 0 else None
+        self.busy = BusyMeter(executor.config.admission.max_busy_fraction)
+        self._busy_checked_at = time.monotonic()
+        self._open_before = 0
+        self._rejected_before = 0
         # Sets the sampled metrics; the server installs it once the models are loaded.
         self.sampler: metrics.Sampler | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="load-monitor")
+        if self._probe is not None:
+            self._probe.start()
 
     async def aclose(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._probe is not None:
+            await asyncio.to_thread(self._probe.stop)
 
     def loop_lag_s(self) -> float:
         return max(self._lags, default=0.0)
@@ -111,6 +279,31 @@ class LoadMonitor:
         measures += [(runner.projected_wait_s(), name) for name, runner in self._executor.runners.items()]
         return max(measures, key=lambda measure: measure[0])
 
+    def busy_fraction(self) -> float | None:
+        """Return the share of the last second's probe wakes that were late; None before enough wakes."""
+        return self.busy.fraction()
+
+    def busy_projection(self) -> BusyProjection | None:
+        """Project the busy fraction with one more stream; None before enough wakes."""
+        return self.busy.project(len(self._service.active_sessions))
+
+    def _measure_busy(self) -> None:
+        """Count the probe's late wakes since the last check, and the streams open, admitted, rejected and ended meanwhile."""
+        now = time.monotonic()
+        since = self._busy_checked_at
+        self._busy_checked_at = now
+        streams = 0.0
+        admitted = 0
+        for session in self._service.active_sessions:
+            streams += min(1.0, (now - session.started_at) / CHECK_INTERVAL_S)
+            admitted += session.started_at > since
+        open_now = len(self._service.active_sessions)
+        ended = self._open_before + admitted - open_now
+        rejected = sum(self._service.rejected.values())
+        self.busy.add_check(self._probe.take(), streams, admitted + rejected - self._rejected_before + ended)
+        self._open_before = open_now
+        self._rejected_before = rejected
+
     def _measure_audio_backlog(self) -> None:
         """Take the median over streams of how far their audio is read behind the client's pace.
 
@@ -138,6 +331,8 @@ class LoadMonitor:
             if now >= next_check:
                 next_check = now + CHECK_INTERVAL_S
                 try:
+                    if self._probe is not None:
+                        self._measure_busy()
                     self._measure_audio_backlog()
                     self._learn_max_streams(now)
                     self._check_streams()

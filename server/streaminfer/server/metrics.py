@@ -168,7 +168,7 @@ STREAMS_ACTIVE = Gauge(
 STREAMS_STARTED = Counter("streaminfer_streams_started_total", "Streams admitted.")
 STREAMS_REJECTED = Counter(
     "streaminfer_streams_rejected_total",
-    "Streams rejected before any work, by reason: draining, max_streams, learned_max_streams, queue_wait, "
+    "Streams rejected before any work, by reason: draining, max_streams, learned_max_streams, busy, queue_wait, "
     "rate_limit, unauthenticated.",
     ["reason"],
 )
@@ -307,6 +307,12 @@ LOOP_LAG = Histogram(
 PROJECTED_WAIT = Gauge(
     "streaminfer_projected_wait_seconds",
     "The queue wait a new stream would see, which admission compares with admission.max_queue_wait_ms.",
+    multiprocess_mode="livemax",
+)
+BUSY_FRACTION = Gauge(
+    "streaminfer_busy_fraction",
+    "Share of the last second's wakes of a probe thread that came late because the server's threads held the GIL "
+    "or every CPU; admission projects it for each new stream against admission.max_busy_fraction.",
     multiprocess_mode="livemax",
 )
 AUDIO_BACKLOG = Gauge(
@@ -460,6 +466,7 @@ class Sampler:
         STREAMS_PAUSED.set(sum(1 for session in sessions if session.waiting_for_window))
         PROJECTED_WAIT.set(self._monitor.projected_wait_s())
         AUDIO_BACKLOG.set(self._monitor.audio_backlog_s)
+        BUSY_FRACTION.set(self._monitor.busy_fraction() or 0.0)
         LEARNED_MAX_STREAMS.set(self._monitor.learned_max_streams or 0)
 
         unhealthy = self._monitor.unhealthy_models

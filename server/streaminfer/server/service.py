@@ -8,6 +8,7 @@ situation                     status              grpc-retry-pushback-ms
 ============================  ==================  =================================
 server draining (SIGTERM)     UNAVAILABLE         admission.retry_pushback_ms
 admission.max_streams open    UNAVAILABLE         admission.retry_pushback_ms
+projected busy fraction high  UNAVAILABLE         admission.retry_pushback_ms
 projected queue wait too long UNAVAILABLE         admission.retry_pushback_ms
 API key over streams/s        RESOURCE_EXHAUSTED  until the key's next token
 ============================  ==================  =================================
@@ -28,7 +29,7 @@ import secrets
 import time
 import collections
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -42,6 +43,9 @@ from streaminfer.server.models.user import DATA_TYPES
 from streaminfer.server.session import Session
 from streaminfer.v1 import streaminfer_pb2 as pb
 from streaminfer.v1 import streaminfer_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from streaminfer.server.load import BusyProjection
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +94,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         # Set by the server: projected queue wait in seconds, and the rate limiter.
         self.projected_wait: Callable[[], tuple[float, str]] = lambda: (0.0, "")
         self.learned_max_streams: Callable[[], int | None] = lambda: None
+        self.busy_projection: Callable[[], BusyProjection | None] = lambda: None
         self.rate_limiter: Any = None
         # Set by the server when tracing is on.
         self.tracing: Any = None
@@ -125,7 +130,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 "draining",
             )
 
-        # Capacity: the configured cap, the learned cap, then the projected wait.
+        # Capacity: the configured cap, the learned cap, the projected busy fraction, then the projected wait.
         if len(self.active_sessions) >= admission.max_streams:
             raise Rejection(
                 grpc.StatusCode.UNAVAILABLE,
@@ -143,6 +148,18 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 pushback,
                 "learned_max_streams",
             )
+        if admission.max_busy_fraction > 0:
+            busy = self.busy_projection()
+            if busy is not None and busy.projected > admission.max_busy_fraction:
+                raise Rejection(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the server is near its limit: its threads waited for the GIL or a CPU {busy.measured:.0%} of the "
+                    f"last second with {busy.streams:.0f} open streams, and one more stream projects {busy.projected:.0%}, "
+                    f"over its admission.max_busy_fraction of {admission.max_busy_fraction:g}; retry after "
+                    f"{pushback} ms or on another replica",
+                    pushback,
+                    "busy",
+                )
         if admission.max_queue_wait_ms > 0:
             wait_s, cause = self.projected_wait()
             wait_ms = wait_s * 1000.0
