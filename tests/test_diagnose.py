@@ -94,6 +94,8 @@ class Scenario:
     loop_lag: float = 0.0003
     paused: int = 0
     active: int = 8
+    busy_fraction: float = 0.0
+    max_busy_fraction: float = 0.75
     drops: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
     rejections: dict[str, int] = dataclasses.field(default_factory=dict)
     ended: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -149,6 +151,8 @@ def page(scenario: Scenario | None) -> str:
     writer.gauge("streaminfer_decode_threads", s.decode_threads)
     writer.counter("streaminfer_decode_busy_seconds_total", s.decode_busy_s)
     writer.gauge("streaminfer_decode_queue_depth", 0)
+    writer.gauge("streaminfer_busy_fraction", s.busy_fraction)
+    writer.gauge("streaminfer_max_busy_fraction", s.max_busy_fraction)
     return writer.text()
 
 
@@ -281,6 +285,21 @@ def test_synthetic_rejections_and_drops_are_counted_and_ranked() -> None:
     text = diagnose.render(report)
     assert "max_streams: 30 (75% of streams opened)" in text
     assert "audio deadline: 50 (5% of chunks read)" in text
+
+
+def test_synthetic_busy_fraction_is_a_finding() -> None:
+    report = report_on(Scenario(busy_fraction=0.81, rejections={"busy": 40}))
+    assert report["saturation"]["busy_fraction"] == pytest.approx(0.81)
+    texts = [finding["text"] for finding in report["findings"]]
+    assert any(
+        "busy fraction 0.81: the server's threads waited for the GIL or a CPU at 81% of probe wakes in the last "
+        "second (admission.max_busy_fraction 0.75)" in text
+        for text in texts
+    )
+    assert any("40 streams rejected (busy)" in text for text in texts)
+    # Without the check the gauge reads 0 and there is no finding.
+    quiet = report_on(Scenario())
+    assert not any("busy fraction" in finding["text"] for finding in quiet["findings"])
 
 
 def test_latency_breakdown_adds_up() -> None:

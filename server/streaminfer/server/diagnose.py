@@ -104,6 +104,8 @@ M_ENDED_BY_SERVER = "streaminfer_streams_ended_by_server_total"
 M_LOOP_LAG = "streaminfer_event_loop_lag_seconds"
 M_CPU = "streaminfer_process_cpu_seconds_total"
 M_CPU_CORES = "streaminfer_cpu_cores"
+M_BUSY_FRACTION = "streaminfer_busy_fraction"
+M_MAX_BUSY_FRACTION = "streaminfer_max_busy_fraction"
 M_DECODE_THREADS = "streaminfer_decode_threads"
 M_DECODE_BUSY = "streaminfer_decode_busy_seconds_total"
 M_DECODE_QUEUE_DEPTH = "streaminfer_decode_queue_depth"
@@ -512,6 +514,9 @@ def _saturation(window: Window, batches: list[dict[str, Any]]) -> dict[str, Any]
 
     return {
         "stages": entries,
+        # Over the last second before the second scrape; 0 when the server's busy-fraction check is off.
+        "busy_fraction": window.gauge(M_BUSY_FRACTION),
+        "max_busy_fraction": window.gauge(M_MAX_BUSY_FRACTION),
         "decode_threads": threads,
         "decode_busy": _busy(decode_busy_per_s, threads),
         "cpu_cores": cores,
@@ -820,6 +825,16 @@ def _findings(report: dict[str, Any]) -> list[dict[str, Any]]:
                 )
     for stage in report["saturation"]["stages"]:
         findings.append({"impact": min(1.0, stage["busy"]), "text": f"{stage['stage']} {stage['busy']:.0%} busy ({stage['detail']})"})
+    busy_fraction = report["saturation"]["busy_fraction"]
+    if busy_fraction > 0:
+        findings.append(
+            {
+                "impact": min(1.0, busy_fraction),
+                "text": f"busy fraction {busy_fraction:.2f}: the server's threads waited for the GIL or a CPU at "
+                f"{busy_fraction:.0%} of probe wakes in the last second (admission.max_busy_fraction "
+                f"{report['saturation']['max_busy_fraction']:g})",
+            }
+        )
     for drop in report["drops"]:
         findings.append(
             {

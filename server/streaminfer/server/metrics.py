@@ -315,6 +315,10 @@ BUSY_FRACTION = Gauge(
     "or every CPU; admission projects it for each new stream against admission.max_busy_fraction.",
     multiprocess_mode="livemax",
 )
+MAX_BUSY_FRACTION = Gauge(
+    "streaminfer_max_busy_fraction", "admission.max_busy_fraction of the process; 0 while the check is off.",
+    multiprocess_mode="livemax",
+)
 AUDIO_BACKLOG = Gauge(
     "streaminfer_audio_backlog_seconds",
     "Median over real-time audio streams of how far the server reads behind the client's pace.",
@@ -447,6 +451,7 @@ class Sampler:
         self._sampled_at = -float("inf")
         CPU_CORES.set(os.cpu_count() or 1)
         MAX_STREAMS.set(executor.config.admission.max_streams)
+        MAX_BUSY_FRACTION.set(executor.config.admission.max_busy_fraction)
         DECODE_THREADS.set(executor.decode.lanes)
         for name, runner in executor.runners.items():
             INSTANCES.labels(name).set(runner.config.instances)
