@@ -13,9 +13,10 @@ Three servers run the same sweep, one after the other, on this machine:
 - admission on: ``admission.max_streams`` = ``--max-streams``, sized from
   this benchmark, and load shedding at ``--max-queue-wait-ms`` of projected
   queue wait. The sized cap replaces the busy-fraction check, which is off.
-- shedding only: the defaults without a sized cap: load shedding at
-  ``--max-busy-fraction`` of projected busy fraction and at
-  ``--max-queue-wait-ms`` of projected queue wait;
+- shedding only: no configured stream cap, load shedding at
+  ``--max-busy-fraction`` (the server's default) of projected busy fraction
+  and at ``--max-queue-wait-ms`` (the server's default is 250) of projected
+  queue wait;
 - admission off: no stream cap and no load shedding.
 
 A rejected stream is not retried: on a real deployment it would go to

@@ -106,7 +106,52 @@ def test_projected_busy_fraction_rejects_new_stream(limited: ServerThread) -> No
     finally:
         service.busy_projection = limited.server.monitor.busy_projection
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert "62% of the last second with 140 open streams" in error.details()
-    assert "one more stream projects 83%, over its admission.max_busy_fraction of 0.75" in error.details()
+    assert "62% of the last second, and with 0 streams open one more projects 83%" in error.details()
+    assert "over its admission.max_busy_fraction of 0.75" in error.details()
     assert pushback_ms(error) == 700
     assert service.rejected["UNAVAILABLE"] >= 1
+
+
+def test_cold_start_limit_rejects_burst(limited: ServerThread) -> None:
+    from streaminfer.server.load import BusyProjection
+
+    service = limited.server.service
+    service.busy_projection = lambda: BusyProjection(measured=0.0, projected=0.0, streams=0.0, cold_start_limit=0)
+    try:
+        with grpc.insecure_channel(limited.target) as channel:
+            error = rejection(channel, (("x-api-key", "overload-test"),))
+    finally:
+        service.busy_projection = limited.server.monitor.busy_projection
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "has not yet measured what one costs, so it admits at most 0 until it has" in error.details()
+    assert pushback_ms(error) == 700
+
+
+def test_rejection_log_flushes_held_back_burst(caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    import logging
+    import types
+
+    from streaminfer.server import service as service_module
+
+    async def scenario() -> None:
+        service = service_module.InferenceService(types.SimpleNamespace())  # type: ignore[arg-type]
+        busy = service_module.Rejection(grpc.StatusCode.UNAVAILABLE, "near its limit", 1000, "busy")
+        waiting = service_module.Rejection(grpc.StatusCode.UNAVAILABLE, "overloaded", 1000, "queue_wait")
+        # The first is logged at once; the next three are held back and logged when the interval ends.
+        for rejection in (busy, busy, waiting, busy):
+            service._log_rejection(rejection)
+        await asyncio.sleep(service_module.REJECTION_LOG_INTERVAL_S + 0.3)
+
+    with caplog.at_level(logging.INFO, logger="streaminfer.server.service"):
+        asyncio.run(scenario())
+    # Only this test's service: other servers of this module may log rejections too.
+    lines = [
+        record.getMessage()
+        for record in caplog.records
+        if "since the last report" in record.getMessage() and record.getMessage().endswith(("near its limit", "overloaded"))
+    ]
+    assert lines[0].startswith("rejected 1 new stream(s) since the last report (busy 1)")
+    assert lines[1].startswith("rejected 3 new stream(s) since the last report (busy 2, queue_wait 1)")
+    assert lines[1].endswith("the latest with UNAVAILABLE: near its limit")
+    assert len(lines) == 2

@@ -146,7 +146,10 @@ def test_busy_fraction_projects_cost_per_stream() -> None:
     from streaminfer.server.load import BusyMeter
 
     meter = BusyMeter(0.8)
-    assert meter.project(0) is None  # no wakes yet
+    # No wakes yet and no cost known: the cold-start limit applies.
+    cold = meter.project(0)
+    assert cold.measured == 0.0
+    assert cold.cold_start_limit == 64
     for _ in range(8):
         meter.add_check(wakes(0), streams=0.0, changed_streams=0)
     assert meter.idle_fraction == 0.0
@@ -156,8 +159,8 @@ def test_busy_fraction_projects_cost_per_stream() -> None:
     assert meter.fraction() == 0.4
     assert meter.steady_cost is not None and abs(meter.steady_cost - 0.004) < 1e-12
     projection = meter.project(150)
-    assert projection is not None
     assert abs(projection.projected - 0.604) < 1e-9
+    assert projection.cold_start_limit is None
     assert projection.measured == 0.4
     assert projection.streams == 100.0
     # The projection never falls under what is measured.
@@ -210,7 +213,13 @@ def test_busy_cost_before_steady_second() -> None:
     for _ in range(4):
         small.add_check(wakes(5), streams=4.0, changed_streams=1)
     projection = small.project(60)
-    assert projection is not None and projection.projected == 0.1
+    assert projection.projected == 0.1
+    assert projection.cold_start_limit == 64
+    # Twice the streams open over the last second once that is more than 64.
+    busy_start = BusyMeter(0.8)
+    for _ in range(4):
+        busy_start.add_check(wakes(0), streams=50.0, changed_streams=50)
+    assert busy_start.project(60).cold_start_limit is None  # 50 streams with no late wake: a cost of 0 is known
 
 
 def test_late_wakes_counted_from_the_timers_own_delay() -> None:

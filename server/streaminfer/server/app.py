@@ -138,13 +138,14 @@ class StreaminferServer:
         admission = self.config.admission
         logger.info(
             "streaminfer listening on %s:%d (%s, API keys %s, at most %d streams, shedding above %g ms projected "
-            "wait, metrics %s)",
+            "wait and %g projected busy fraction, metrics %s)",
             self.config.host,
             self.port,
             "TLS" if self.config.tls_cert_file else "plaintext",
             "required" if self.api_keys else "off",
             admission.max_streams,
             admission.max_queue_wait_ms,
+            admission.max_busy_fraction,
             f"on http://{self.config.metrics_host or self.config.host}:{self.metrics_port}/metrics"
             if self.metrics_port is not None
             else "off",
@@ -192,6 +193,7 @@ class StreaminferServer:
         if self._server is not None:
             await self._server.stop(grace)
         await self.monitor.aclose()
+        self.service.flush_rejection_log()
         await self.executor.aclose()
         self._stop_metrics()
         if self.tracing is not None:

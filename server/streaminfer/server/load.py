@@ -78,6 +78,10 @@ STEADY_NEW_SHARE = 0.05
 # fraction (while no stream is open) and the steady cost per stream.
 IDLE_WEIGHT = 0.1
 COST_WEIGHT = 0.25
+# Until the cost of a stream is known, at most this many streams, or twice
+# those open over the last second, are admitted: a burst that opens within
+# one check would be in before anything was measured.
+COLD_START_STREAMS = 64
 
 
 class WakeProbe:
@@ -130,6 +134,8 @@ class BusyProjection:
     projected: float
     # Open streams, averaged over the measured second.
     streams: float
+    # Set while the cost of a stream is not known yet: the most streams admitted until it is.
+    cold_start_limit: int | None = None
 
 
 class BusyMeter:
@@ -184,24 +190,22 @@ class BusyMeter:
         """Return the streams open over the last second, on average."""
         return sum(check[2] for check in self._checks) / len(self._checks) if self._checks else 0.0
 
-    def project(self, open_streams: int) -> BusyProjection | None:
-        """Project the busy fraction with one stream more than ``open_streams``; None before enough wakes.
+    def project(self, open_streams: int) -> BusyProjection:
+        """Project the busy fraction with one stream more than ``open_streams``.
 
         Streams admitted in the last second count at the cost per stream
         though their load has not shown yet, which is what stops a burst of
         new streams: queue waits would let them all in. The projection is
-        never under the measured fraction.
+        never under the measured fraction, which reads 0 before enough wakes.
         """
-        measured = self.fraction()
-        if measured is None:
-            return None
+        measured = self.fraction() or 0.0
         streams = self.streams()
         cost = self.steady_cost
         if cost is None and streams >= PROJECT_MIN_STREAMS:
             cost = max(0.0, measured - self.idle_fraction) / streams
-        projected = measured
-        if cost is not None:
-            projected = max(measured, self.idle_fraction + cost * (open_streams + 1))
+        if cost is None:
+            return BusyProjection(measured, measured, streams, max(COLD_START_STREAMS, int(2 * streams)))
+        projected = max(measured, self.idle_fraction + cost * (open_streams + 1))
         return BusyProjection(measured, projected, streams)
 
 
@@ -283,8 +287,8 @@ class LoadMonitor:
         """Return the share of the last second's probe wakes that were late; None before enough wakes."""
         return self.busy.fraction()
 
-    def busy_projection(self) -> BusyProjection | None:
-        """Project the busy fraction with one more stream; None before enough wakes."""
+    def busy_projection(self) -> BusyProjection:
+        """Project the busy fraction with one more stream."""
         return self.busy.project(len(self._service.active_sessions))
 
     def _measure_busy(self) -> None:

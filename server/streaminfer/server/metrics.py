@@ -312,7 +312,8 @@ PROJECTED_WAIT = Gauge(
 BUSY_FRACTION = Gauge(
     "streaminfer_busy_fraction",
     "Share of the last second's wakes of a probe thread that came late because the server's threads held the GIL "
-    "or every CPU; admission projects it for each new stream against admission.max_busy_fraction.",
+    "or every CPU; admission projects it for each new stream against admission.max_busy_fraction. The probe runs "
+    "only while that check is on, so this reads 0 while it is off.",
     multiprocess_mode="livemax",
 )
 MAX_BUSY_FRACTION = Gauge(

@@ -100,23 +100,40 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         self.tracing: Any = None
         self.unhealthy_models: set[str] = set()
         self.rejected = collections.Counter[str]()
-        self._rejections_unlogged = 0
+        self._rejections_unlogged = collections.Counter[str]()
+        self._latest_rejection: Rejection | None = None
         self._rejection_logged_at = -math.inf
+        self._rejection_flush: asyncio.TimerHandle | None = None
 
     def _log_rejection(self, rejection: Rejection) -> None:
-        """Log rejections at most once per REJECTION_LOG_INTERVAL_S, with the count since the last line."""
-        self._rejections_unlogged += 1
-        now = time.monotonic()
-        if now - self._rejection_logged_at < REJECTION_LOG_INTERVAL_S:
+        """Log rejections at most once per REJECTION_LOG_INTERVAL_S, with the counts by reason since the last line."""
+        self._rejections_unlogged[rejection.reason] += 1
+        self._latest_rejection = rejection
+        wait_s = REJECTION_LOG_INTERVAL_S - (time.monotonic() - self._rejection_logged_at)
+        if wait_s <= 0:
+            self.flush_rejection_log()
+        elif self._rejection_flush is None:
+            # A burst's later rejections are logged when the interval ends, even if no more come.
+            self._rejection_flush = asyncio.get_running_loop().call_later(wait_s, self.flush_rejection_log)
+
+    def flush_rejection_log(self) -> None:
+        """Log the rejections not logged yet, if any."""
+        if self._rejection_flush is not None:
+            self._rejection_flush.cancel()
+            self._rejection_flush = None
+        latest = self._latest_rejection
+        if latest is None or not self._rejections_unlogged:
             return
+        reasons = ", ".join(f"{reason} {count}" for reason, count in self._rejections_unlogged.most_common())
         logger.info(
-            "rejected %d new stream(s) since the last report; the latest with %s: %s",
-            self._rejections_unlogged,
-            rejection.code.name,
-            rejection.message,
+            "rejected %d new stream(s) since the last report (%s); the latest with %s: %s",
+            sum(self._rejections_unlogged.values()),
+            reasons,
+            latest.code.name,
+            latest.message,
         )
-        self._rejections_unlogged = 0
-        self._rejection_logged_at = now
+        self._rejections_unlogged.clear()
+        self._rejection_logged_at = time.monotonic()
 
     def _admit(self, context: grpc.aio.ServicerContext) -> str | None:
         """Raise Rejection when a new stream must be rejected; return the client's rate-limit key."""
@@ -150,11 +167,21 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             )
         if admission.max_busy_fraction > 0:
             busy = self.busy_projection()
+            open_streams = len(self.active_sessions)
+            if busy is not None and busy.cold_start_limit is not None and open_streams >= busy.cold_start_limit:
+                raise Rejection(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the server has {open_streams} open streams and has not yet measured what one costs, so it "
+                    f"admits at most {busy.cold_start_limit} until it has (admission.max_busy_fraction); retry after "
+                    f"{pushback} ms or on another replica",
+                    pushback,
+                    "busy",
+                )
             if busy is not None and busy.projected > admission.max_busy_fraction:
                 raise Rejection(
                     grpc.StatusCode.UNAVAILABLE,
                     f"the server is near its limit: its threads waited for the GIL or a CPU {busy.measured:.0%} of the "
-                    f"last second with {busy.streams:.0f} open streams, and one more stream projects {busy.projected:.0%}, "
+                    f"last second, and with {open_streams} streams open one more projects {busy.projected:.0%}, "
                     f"over its admission.max_busy_fraction of {admission.max_busy_fraction:g}; retry after "
                     f"{pushback} ms or on another replica",
                     pushback,
