@@ -275,7 +275,10 @@ def metrics_url(server_log: list[str]) -> str:
     raise RuntimeError("the server did not print its metrics address")
 
 
-def run_sweep(label: str, config_text: str, levels: list[int], args: argparse.Namespace) -> list[dict]:
+def run_sweep(
+    label: str, config_text: str, levels: list[int], args: argparse.Namespace, measure_busy: bool
+) -> list[dict]:
+    """Run every offered load against one server; with ``measure_busy``, also read its busy fraction."""
     import uvloop
 
     with tempfile.TemporaryDirectory() as folder:
@@ -290,7 +293,7 @@ def run_sweep(label: str, config_text: str, levels: list[int], args: argparse.Na
                 cpu_before = server.cpu_seconds()
                 sampler = RssSampler(server.process.pid)
                 sampler.start()
-                busy = BusySampler(metrics_url(server.log)) if "max_busy_fraction = 0\n" not in config_text else None
+                busy = BusySampler(metrics_url(server.log)) if measure_busy else None
                 if busy is not None:
                     busy.start()
                 row = uvloop.run(
@@ -496,6 +499,8 @@ def main() -> int:
             server_config(mode, args.max_streams, args.max_queue_wait_ms, args.max_busy_fraction),
             levels,
             args,
+            # Only the shedding-only server runs the busy-fraction check and its probe.
+            measure_busy=mode == "shed" and args.max_busy_fraction > 0,
         )
         for mode in modes
     }

@@ -553,8 +553,8 @@ def client_process(*arguments: str) -> Iterator[tuple[subprocess.Popen[str], Lin
 def test_churn_frees_sessions_tasks_memory() -> None:
     rounds, per_round, batch = 10, 1000, 100
     requests, rate = speech_requests()
-    # Opening and cancelling streams this fast makes the busy fraction price each stream by its setup;
-    # this test is about freeing them, so admission takes every one.
+    # Opening and cancelling streams this fast makes the busy fraction price each stream by its setup.
+    # This test is about freeing streams, so admission takes every one.
     with running(server_config(("silero_vad",), admission=AdmissionConfig(max_busy_fraction=0))) as thread:
         tasks_at_start = loop_task_count(thread)
         tasks, rss, outcomes = [], [], []

@@ -111,8 +111,8 @@ class WakeProbe:
     def take(self) -> list[float]:
         """Return how late, in seconds, each wake since the last call came."""
         with self._lock:
-            taken, self._lateness = self._lateness, []
-        return taken
+            lateness, self._lateness = self._lateness, []
+        return lateness
 
     def _run(self) -> None:
         clock = time.perf_counter
@@ -134,7 +134,7 @@ class BusyProjection:
     projected: float
     # Open streams, averaged over the measured second.
     streams: float
-    # Set while the cost of a stream is not known yet: the most streams admitted until it is.
+    # Set while the cost of a stream is not known yet: the maximum number of streams admitted until it is.
     cold_start_limit: int | None = None
 
 

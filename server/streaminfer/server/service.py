@@ -165,10 +165,10 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 pushback,
                 "learned_max_streams",
             )
-        if admission.max_busy_fraction > 0:
-            busy = self.busy_projection()
+        busy = self.busy_projection() if admission.max_busy_fraction > 0 else None
+        if busy is not None:
             open_streams = len(self.active_sessions)
-            if busy is not None and busy.cold_start_limit is not None and open_streams >= busy.cold_start_limit:
+            if busy.cold_start_limit is not None and open_streams >= busy.cold_start_limit:
                 raise Rejection(
                     grpc.StatusCode.UNAVAILABLE,
                     f"the server has {open_streams} open streams and has not yet measured what one costs, so it "
@@ -177,7 +177,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                     pushback,
                     "busy",
                 )
-            if busy is not None and busy.projected > admission.max_busy_fraction:
+            if busy.projected > admission.max_busy_fraction:
                 raise Rejection(
                     grpc.StatusCode.UNAVAILABLE,
                     f"the server is near its limit: its threads waited for the GIL or a CPU {busy.measured:.0%} of the "
