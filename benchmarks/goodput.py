@@ -284,7 +284,10 @@ def run_sweep(
     with tempfile.TemporaryDirectory() as folder:
         config_path = pathlib.Path(folder) / "server.toml"
         config_path.write_text(config_text)
-        server = start_server(["--config", str(config_path)])
+        server_args = ["--config", str(config_path)]
+        if args.inference_cpus:
+            server_args += ["--inference-cpus", args.inference_cpus]
+        server = start_server(server_args)
         rows = []
         try:
             for streams in levels:
@@ -368,6 +371,8 @@ def plot_svg(report: dict, path: pathlib.Path) -> None:
 
 
 def markdown(report: dict) -> str:
+    cpus = report.get("inference_cpus")
+    pinned = f"Every server ran with `--inference-cpus {cpus}`. " if cpus else ""
     lines = [
         SECTION_START,
         "## Goodput against offered load, admission control on and off",
@@ -386,6 +391,7 @@ def markdown(report: dict) -> str:
         f"`admission.max_busy_fraction = {report['max_busy_fraction']:g}` (the default), "
         f"`admission.max_queue_wait_ms = {report['max_queue_wait_ms']:g}`. "
         "Admission off: none of them. A rejected stream is not retried. "
+        f"{pinned}"
         "The load generator runs on the same 2 cores as the server, so past capacity it competes for CPU too. "
         f"A health check goes to the server every {HEALTH_PROBE_INTERVAL_S * 1000:.0f} ms on its own connection; "
         "server RSS is the largest resident size sampled during the run. The busy fraction is the median of "
@@ -473,6 +479,12 @@ def main() -> int:
     parser.add_argument(
         "--no-write", action="store_true", help="print the figures only; leave BENCHMARKS.md and bench-results/ alone"
     )
+    parser.add_argument(
+        "--inference-cpus",
+        default="",
+        metavar="CPUS",
+        help="pass --inference-cpus CPUS to every server, pinning its inference threads (default: no pinning)",
+    )
     args = parser.parse_args()
     levels = [int(value) for value in args.offered.split(",")]
 
@@ -488,6 +500,7 @@ def main() -> int:
         "max_streams": args.max_streams,
         "max_queue_wait_ms": args.max_queue_wait_ms,
         "max_busy_fraction": args.max_busy_fraction,
+        "inference_cpus": args.inference_cpus,
     }
     modes = [mode.strip() for mode in args.modes.split(",")]
     unknown = [mode for mode in modes if mode not in MODES]

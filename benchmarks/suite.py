@@ -22,7 +22,10 @@ Ray Serve as a peer runs on its own, with benchmarks/ray_peer.py (make bench-pee
 
 Results go to stdout, bench-results/suite.json, bench-results/suite.png and
 the side-by-side section of BENCHMARKS.md. Admission control is off in the
-served runs, so the figures show the pipeline itself.
+served runs, so the figures show the pipeline itself. On two or more CPUs the
+VAD limit runs twice: as the server starts by default, and with its inference
+thread pinned to the last CPU (``--inference-cpus``), every other thread on the
+rest.
 """
 
 from __future__ import annotations
@@ -86,9 +89,18 @@ def phase(server_args: list[str], load, **server) -> dict:
 # -- limit ---------------------------------------------------------------------
 
 
-def limit_vad(server_args: list[str], options: argparse.Namespace) -> dict:
+def inference_cpu() -> int | None:
+    """Return the CPU the pinned server gives its inference thread: the last one, when there are two or more."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return cpus[-1] if len(cpus) >= 2 else None
+
+
+def limit_vad(server_args: list[str], options: argparse.Namespace, pinned_cpu: int | None = None) -> dict:
+    """Served VAD windows per second against the model alone; with ``pinned_cpu``, the inference thread runs there."""
     windows = 16
     config, request = audio_messages("silero_vad", vad_streams.WINDOW * windows)
+    if pinned_cpu is not None:
+        server_args = [*server_args, "--inference-cpus", str(pinned_cpu)]
     served = phase(
         server_args,
         lambda target: saturate(target, 128, 2, config, request, options.warmup, options.seconds, channels=4),
@@ -97,7 +109,9 @@ def limit_vad(server_args: list[str], options: argparse.Namespace) -> dict:
     served["items_per_second"] = served["chunks_per_second"] * windows
     batch = max(1, round(served["server_batches"].get("mean_batch_size", 1)))
     raw = vad_streams.raw_model_throughput(batch, options.seconds / 2, _torch_threads())
-    return _limit_row("silero_vad", "512-sample windows", served, batch, raw["windows_per_second"])
+    row = _limit_row("silero_vad", "512-sample windows", served, batch, raw["windows_per_second"])
+    row["inference_cpus"] = "" if pinned_cpu is None else str(pinned_cpu)
+    return row
 
 
 def limit_embedding(server_args: list[str], options: argparse.Namespace) -> dict:
@@ -316,10 +330,11 @@ def markdown(report: dict) -> str:
     ]
 
     for row in report.get("limit", []):
+        pinned = f", `--inference-cpus {row['inference_cpus']}`" if row.get("inference_cpus") else ""
         lines.append(
-            f"| limit: {row['model']} at saturation, {row['unit']}/s | {row['served_per_second']:,.0f} "
+            f"| limit: {row['model']} at saturation{pinned}, {row['unit']}/s | {row['served_per_second']:,.0f} "
             f"(mean batch {row['mean_batch']}) | {row['raw_per_second']:,.0f} (model called directly, batch {row['raw_batch']}) "
-            f"| {row['ratio']:.2f} | {row['target']} | {_verdict(row['ratio'], row['target'])} |"
+            f"| {row['ratio']:.3f} | {row['target']} | {_verdict(row['ratio'], row['target'])} |"
         )
     if "transport" in report:
         row = report["transport"]
@@ -398,6 +413,11 @@ def main() -> int:
         print("limit: Silero VAD at saturation, then the model alone ...", flush=True)
         report["limit"] = [limit_vad(server_args, options)]
         _show(report["limit"][-1])
+        pinned_cpu = inference_cpu()
+        if pinned_cpu is not None:
+            print(f"limit: Silero VAD at saturation with the inference thread on CPU {pinned_cpu}, then the model alone ...", flush=True)
+            report["limit"].append(limit_vad(server_args, options, pinned_cpu))
+            _show(report["limit"][-1])
         print("limit: all-MiniLM-L6-v2 at saturation, then the model alone ...", flush=True)
         report["limit"].append(limit_embedding(server_args, options))
         _show(report["limit"][-1])

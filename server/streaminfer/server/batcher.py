@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 import torch
 
-from streaminfer.server import metrics
+from streaminfer.server import affinity, metrics
 from streaminfer.server.config import ModelConfig
 from streaminfer.server.models.base import Model, ModelInput, StreamOptions
 from streaminfer.server.tracing import ItemTrace
@@ -302,6 +302,7 @@ class ModelRunner:
         loop: asyncio.AbstractEventLoop,
         torch_threads: int = 1,
         clock: Callable[[], float] = time.monotonic,
+        cpus: frozenset[int] | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -310,6 +311,8 @@ class ModelRunner:
         self._deliver = deliver
         self._loop = loop
         self._torch_threads = torch_threads
+        # CPUs the inference threads run on; None leaves them where the process runs.
+        self._cpus = cpus
         self._clock = clock
         self._max_batch = config.batching.max_batch_size
         self._max_delay = config.batching.max_queue_delay_ms / 1000.0
@@ -518,6 +521,9 @@ class ModelRunner:
                 self._loop.call_soon_threadsafe(self._deliver, expired)
 
     def _work(self, instance: int) -> None:
+        if self._cpus is not None:
+            # Before torch starts its intra-op threads, which inherit it.
+            affinity.pin_current_thread(self._cpus)
         torch.set_num_threads(self._torch_threads)
         while True:
             taken = self._take_batch()

@@ -20,6 +20,7 @@ def _serve(options: argparse.Namespace) -> int:
         "port": options.port,
         "decode_threads": options.decode_threads,
         "torch_threads": options.torch_threads,
+        "inference_cpus": options.inference_cpus,
         "drain_grace_s": options.grace,
         "metrics_port": options.metrics_port,
         "log_chunks": options.log_chunks or None,
@@ -90,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--torch-threads", type=int, help="intra-op threads per inference worker; 0 means cores minus one (default: 0)"
+    )
+    serve.add_argument(
+        "--inference-cpus",
+        metavar="CPUS",
+        help="CPUs for the inference threads alone, as taskset -c writes them (\"1\", \"2-3\"); every other "
+        "thread runs on the remaining CPUs, and --torch-threads 0 then means one per such CPU; Linux only "
+        "(default: \"\", no pinning)",
     )
     serve.add_argument(
         "--log-chunks",

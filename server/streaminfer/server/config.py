@@ -138,6 +138,9 @@ class ServerConfig:
     # Intra-op threads per inference worker; 0 means one per core minus one
     # for the event loop, at least 1.
     torch_threads: int = 0
+    # CPUs for the inference threads alone. Every other thread of the process
+    # runs on the remaining CPUs. Empty: no pinning.
+    inference_cpus: tuple[int, ...] = ()
     models: tuple[ModelConfig, ...] = ()
     limits: LimitsConfig = LimitsConfig()
     # Let other processes listen on the same port (SO_REUSEPORT). Set for
@@ -165,6 +168,8 @@ class ServerConfig:
     def resolved_torch_threads(self) -> int:
         if self.torch_threads > 0:
             return self.torch_threads
+        if self.inference_cpus:
+            return len(self.inference_cpus)
         return max(1, (os.cpu_count() or 1) - 1)
 
 
@@ -222,6 +227,30 @@ def _boolean(table: Mapping[str, Any], key: str, default: bool, where: str) -> b
     value = table.get(key, default)
     _require(isinstance(value, bool), f"{where}.{key} = {value!r} is invalid: expected true or false")
     return bool(value)
+
+
+def _cpu_list(table: Mapping[str, Any], key: str, where: str) -> tuple[int, ...]:
+    """Read CPU numbers written as taskset -c takes them ("1", "0-3,8"), or as an array of integers."""
+    value = table.get(key, "")
+    problem = (
+        f"{where}.{key} = {value!r} is invalid: expected CPU numbers such as \"1\" or \"2-3,6\" "
+        "(or an array of integers), or \"\" for no pinning"
+    )
+    if isinstance(value, list):
+        _require(all(isinstance(cpu, int) and not isinstance(cpu, bool) and cpu >= 0 for cpu in value), problem)
+        return tuple(sorted(set(value)))
+    _require(isinstance(value, str), problem)
+    cpus: set[int] = set()
+    for part in value.replace(" ", "").split(","):
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        _require(first.isdigit() and (not last or last.isdigit()), problem)
+        low, high = int(first), int(last or first)
+        _require(low <= high, problem)
+        cpus.update(range(low, high + 1))
+    _require(bool(cpus) or not value.strip(), problem)
+    return tuple(sorted(cpus))
 
 
 def _string(table: Mapping[str, Any], key: str, where: str) -> str:
@@ -292,6 +321,7 @@ _KNOWN_KEYS = {
         "port",
         "decode_threads",
         "torch_threads",
+        "inference_cpus",
         "tls_cert_file",
         "tls_key_file",
         "tls_client_ca_file",
@@ -454,6 +484,7 @@ def config_from_mapping(data: Mapping[str, Any]) -> ServerConfig:
         log_chunks=_boolean(server, "log_chunks", False, "server"),
         decode_threads=_positive_int(server, "decode_threads", 2, "server"),
         torch_threads=torch_threads,
+        inference_cpus=_cpu_list(server, "inference_cpus", "server"),
         models=models,
         limits=limits,
         admission=admission,

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from streaminfer.server import affinity
 from streaminfer.server.batcher import ModelRunner, WorkItem
 from streaminfer.server.config import ServerConfig
 from streaminfer.server.decode import DecodeStage
@@ -28,6 +29,17 @@ class Executor:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         torch_threads = self.config.resolved_torch_threads()
+        inference_cpus = None
+        if self.config.inference_cpus:
+            inference_cpus, rest = affinity.split_cpus(self.config.inference_cpus)
+            # Before any runner or decode thread starts, so that they inherit it.
+            threads = affinity.pin_process(rest)
+            logger.info(
+                "inference threads pinned to CPU(s) %s; the event loop and %d other thread(s) to CPU(s) %s",
+                affinity.format_cpus(inference_cpus),
+                threads - 1,
+                affinity.format_cpus(rest),
+            )
         for model_config in self.config.models:
             model = build_model(model_config)
             device = resolve_device(model_config.device)
@@ -45,7 +57,9 @@ class Executor:
                 model_config.batching.max_batch_size,
                 model_config.batching.max_queue_delay_ms,
             )
-            runner = ModelRunner(model, model_config, device, self._deliver, loop, torch_threads, self._clock)
+            runner = ModelRunner(
+                model, model_config, device, self._deliver, loop, torch_threads, self._clock, cpus=inference_cpus
+            )
             runner.start()
             self.runners[model_config.name] = runner
         self.decode.start()

@@ -46,7 +46,9 @@ def pick_free_port(host: str) -> int:
 def worker_config(config: ServerConfig, workers: int) -> ServerConfig:
     """Return the config each worker runs: a fixed shared port, torch threads split between workers, no metrics port."""
     port = config.port or pick_free_port(config.host)
-    torch_threads = config.torch_threads or max(1, ((os.cpu_count() or 1) - 1) // workers)
+    # Every worker pins its inference threads to the same inference_cpus.
+    inference_cores = len(config.inference_cpus) or (os.cpu_count() or 1) - 1
+    torch_threads = config.torch_threads or max(1, inference_cores // workers)
     return dataclasses.replace(config, port=port, reuse_port=True, torch_threads=torch_threads, metrics_port=-1)
 
 
