@@ -31,17 +31,17 @@ modality = "audio"
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("", ()), ("1", (1,)), ("0-3, 8", (0, 1, 2, 3, 8)), ("2,2,1", (1, 2)), ([3, 1], (1, 3))],
+    [("", ()), ("1", (1,)), ("0-3, 8", (0, 1, 2, 3, 8)), ("2,2,1", (1, 2)), ([3, 1], (1, 3)), (2, (2,))],
 )
 def test_cpu_lists_are_read(value, expected) -> None:
     assert load_config(None, {"inference_cpus": value}).inference_cpus == expected
 
 
-@pytest.mark.parametrize("value", ["a", "3-1", "-1", "1,,x", " , ", True, [1, -2]])
+@pytest.mark.parametrize("value", ["a", "3-1", "-1", "1-", "0-,2", "1,,x", " , ", True, -1, [1, -2], ["1"]])
 def test_bad_cpu_list_names_the_field(value) -> None:
     with pytest.raises(ConfigError) as error:
         load_config(None, {"inference_cpus": value})
-    assert f"server.inference_cpus = {value!r} is invalid: expected CPU numbers" in str(error.value)
+    assert f"server.inference_cpus = {value!r} is invalid: expected a string of CPU numbers" in str(error.value)
 
 
 def test_torch_threads_default_to_one_per_inference_cpu() -> None:
@@ -71,7 +71,7 @@ def test_split_rejects_cpus_the_process_may_not_use() -> None:
 def test_split_rejects_taking_every_cpu() -> None:
     with pytest.raises(ConfigError) as error:
         affinity.split_cpus(tuple(ALLOWED))
-    assert "leave at least one for the event loop" in str(error.value)
+    assert "leave at least one CPU for the event loop, or leave inference_cpus empty" in str(error.value)
 
 
 def allowed_cpus_of_threads(pid: int) -> dict[int, str]:
@@ -105,7 +105,8 @@ def test_server_pins_inference_threads_apart(tmp_path) -> None:
             if line.startswith("streaminfer listening on"):
                 break
         port = re.search(r"listening on \S+:(\d+)", log[-1]).group(1)
-        assert any(f"inference threads pinned to CPU(s) {inference_cpu}; the event loop and" in line for line in log), log
+        expected = f"inference threads pinned to CPU(s) {inference_cpu}; every other thread to CPU(s) {rest}"
+        assert any(expected in line for line in log), log
         tone = (np.sin(np.arange(16_000) / 8.0) * 8000).astype("<i2")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             outcome = run_stream(
@@ -132,14 +133,19 @@ def test_server_pins_inference_threads_apart(tmp_path) -> None:
             server.kill()
 
 
-def test_server_refuses_cpus_it_may_not_use() -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_server_rejects_cpus_it_may_not_use(workers) -> None:
     outside = max(ALLOWED, default=0) + 1000
     result = subprocess.run(
         [sys.executable, "-m", "streaminfer.server.cli", "serve", "--port", "0", "--metrics-port", "-1",
-         "--inference-cpus", str(outside)],  # fmt: skip
+         "--workers", workers, "--inference-cpus", str(outside)],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 2
-    assert f"server.inference_cpus = '{outside}' names CPU(s) {outside} that this process may not use" in result.stderr
+    # One line from the command itself, before any worker starts.
+    assert result.stderr.splitlines() == [
+        f"streaminfer: server.inference_cpus = '{outside}' names CPU(s) {outside} that this process may not use; "
+        f"it may use CPUs {affinity.format_cpus(frozenset(ALLOWED))}"
+    ]

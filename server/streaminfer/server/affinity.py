@@ -39,7 +39,7 @@ def split_cpus(inference_cpus: tuple[int, ...]) -> tuple[frozenset[int], frozens
     if not rest:
         raise ConfigError(
             f"server.inference_cpus = {format_cpus(inference_cpus)!r} takes every CPU this process may use "
-            f"({format_cpus(allowed)}); leave at least one for the event loop"
+            f"({format_cpus(allowed)}); leave at least one CPU for the event loop, or leave inference_cpus empty"
         )
     return inference, rest
 

@@ -7,7 +7,7 @@ import asyncio
 import os
 import sys
 
-from streaminfer.server import logs
+from streaminfer.server import affinity, logs
 from streaminfer.server.config import ConfigError, default_config_text, load_config
 
 # Seconds; STREAMINFER_SWITCH_INTERVAL_S overrides it.
@@ -27,6 +27,9 @@ def _serve(options: argparse.Namespace) -> int:
     }
     try:
         config = load_config(options.config, overrides)
+        if config.inference_cpus:
+            # Checked here too, so that workers do not each fail on it.
+            affinity.split_cpus(config.inference_cpus)
     except (ConfigError, OSError) as error:
         print(f"streaminfer: {error}", file=sys.stderr)
         return 2

@@ -230,12 +230,14 @@ def _boolean(table: Mapping[str, Any], key: str, default: bool, where: str) -> b
 
 
 def _cpu_list(table: Mapping[str, Any], key: str, where: str) -> tuple[int, ...]:
-    """Read CPU numbers written as taskset -c takes them ("1", "0-3,8"), or as an array of integers."""
+    """Read CPU numbers written as taskset -c takes them ("1", "0-3,8"), as one integer or as an array of integers."""
     value = table.get(key, "")
     problem = (
-        f"{where}.{key} = {value!r} is invalid: expected CPU numbers such as \"1\" or \"2-3,6\" "
-        "(or an array of integers), or \"\" for no pinning"
+        f"{where}.{key} = {value!r} is invalid: expected a string of CPU numbers such as \"1\" or \"2-3,6\", "
+        "an integer or an array of integers, or \"\" for no pinning"
     )
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
     if isinstance(value, list):
         _require(all(isinstance(cpu, int) and not isinstance(cpu, bool) and cpu >= 0 for cpu in value), problem)
         return tuple(sorted(set(value)))
@@ -244,9 +246,9 @@ def _cpu_list(table: Mapping[str, Any], key: str, where: str) -> tuple[int, ...]
     for part in value.replace(" ", "").split(","):
         if not part:
             continue
-        first, _, last = part.partition("-")
-        _require(first.isdigit() and (not last or last.isdigit()), problem)
-        low, high = int(first), int(last or first)
+        first, dash, last = part.partition("-")
+        _require(first.isdigit() and (last.isdigit() if dash else True), problem)
+        low, high = int(first), int(last) if dash else int(first)
         _require(low <= high, problem)
         cpus.update(range(low, high + 1))
     _require(bool(cpus) or not value.strip(), problem)

@@ -35,11 +35,20 @@ class Executor:
             # Before any runner or decode thread starts, so that they inherit it.
             threads = affinity.pin_process(rest)
             logger.info(
-                "inference threads pinned to CPU(s) %s; the event loop and %d other thread(s) to CPU(s) %s",
+                "inference threads pinned to CPU(s) %s; every other thread to CPU(s) %s "
+                "(%d running now, and those started later)",
                 affinity.format_cpus(inference_cpus),
-                threads - 1,
                 affinity.format_cpus(rest),
+                threads,
             )
+            if torch_threads > len(inference_cpus):
+                logger.warning(
+                    "server.torch_threads = %d is more than the %d inference CPU(s) %s: each model's intra-op "
+                    "threads share them; set torch_threads to 0 for one per CPU",
+                    torch_threads,
+                    len(inference_cpus),
+                    affinity.format_cpus(inference_cpus),
+                )
         for model_config in self.config.models:
             model = build_model(model_config)
             device = resolve_device(model_config.device)
