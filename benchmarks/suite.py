@@ -24,8 +24,8 @@ Results go to stdout, bench-results/suite.json, bench-results/suite.png and
 the side-by-side section of BENCHMARKS.md. Admission control is off in the
 served runs, so the figures show the pipeline itself. On two or more CPUs the
 VAD limit runs twice: as the server starts by default, and with its inference
-thread pinned to the last CPU (``--inference-cpus``), every other thread on the
-rest.
+threads pinned to the last CPU (``--inference-cpus``), every other thread on the
+rest, and the load generator kept off that CPU as a remote client would be.
 """
 
 from __future__ import annotations
@@ -40,10 +40,13 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 
 import vad_streams
 from goodput import write_markdown
 from vad_streams import REPO_ROOT, audio_messages, machine_description, run_phase, saturate
+
+from streaminfer.server import affinity
 
 BASELINE_COMMAND = [sys.executable, str(pathlib.Path(__file__).resolve().parent / "baseline_server.py"), "--port", "0"]
 ECHO_COMMAND = [sys.executable, str(vad_streams.ECHO_SERVER), "--port", "0"]
@@ -90,22 +93,33 @@ def phase(server_args: list[str], load, **server) -> dict:
 
 
 def inference_cpu() -> int | None:
-    """Return the CPU the pinned server gives its inference thread: the last one, when there are two or more."""
+    """Return the CPU the pinned server gives its inference threads: the last one, when there are two or more."""
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     return cpus[-1] if len(cpus) >= 2 else None
 
 
+async def away_from(cpu: int, load: Awaitable[dict]) -> dict:
+    """Await ``load`` with every thread of this process kept off ``cpu``, as a client on another machine would be."""
+    before = frozenset(os.sched_getaffinity(0))
+    affinity.pin_process(before - {cpu})
+    try:
+        return await load
+    finally:
+        affinity.pin_process(before)
+
+
 def limit_vad(server_args: list[str], options: argparse.Namespace, pinned_cpu: int | None = None) -> dict:
-    """Served VAD windows per second against the model alone; with ``pinned_cpu``, the inference thread runs there."""
+    """Measure served VAD windows per second against the model alone; with ``pinned_cpu``, inference runs there."""
     windows = 16
     config, request = audio_messages("silero_vad", vad_streams.WINDOW * windows)
     if pinned_cpu is not None:
         server_args = [*server_args, "--inference-cpus", str(pinned_cpu)]
-    served = phase(
-        server_args,
-        lambda target: saturate(target, 128, 2, config, request, options.warmup, options.seconds, channels=4),
-        model="silero_vad",
-    )
+
+    def load(target: str) -> Awaitable[dict]:
+        run = saturate(target, 128, 2, config, request, options.warmup, options.seconds, channels=4)
+        return run if pinned_cpu is None else away_from(pinned_cpu, run)
+
+    served = phase(server_args, load, model="silero_vad")
     served["items_per_second"] = served["chunks_per_second"] * windows
     batch = max(1, round(served["server_batches"].get("mean_batch_size", 1)))
     raw = vad_streams.raw_model_throughput(batch, options.seconds / 2, _torch_threads())
@@ -330,7 +344,9 @@ def markdown(report: dict) -> str:
     ]
 
     for row in report.get("limit", []):
-        pinned = f", `--inference-cpus {row['inference_cpus']}`" if row.get("inference_cpus") else ""
+        pinned = (
+            f", `--inference-cpus {row['inference_cpus']}`, load generator off that CPU" if row.get("inference_cpus") else ""
+        )
         lines.append(
             f"| limit: {row['model']} at saturation{pinned}, {row['unit']}/s | {row['served_per_second']:,.0f} "
             f"(mean batch {row['mean_batch']}) | {row['raw_per_second']:,.0f} (model called directly, batch {row['raw_batch']}) "
@@ -415,7 +431,7 @@ def main() -> int:
         _show(report["limit"][-1])
         pinned_cpu = inference_cpu()
         if pinned_cpu is not None:
-            print(f"limit: Silero VAD at saturation with the inference thread on CPU {pinned_cpu}, then the model alone ...", flush=True)
+            print(f"limit: Silero VAD at saturation, inference threads on CPU {pinned_cpu} and the load generator off it, then the model alone ...", flush=True)
             report["limit"].append(limit_vad(server_args, options, pinned_cpu))
             _show(report["limit"][-1])
         print("limit: all-MiniLM-L6-v2 at saturation, then the model alone ...", flush=True)
