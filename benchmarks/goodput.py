@@ -12,7 +12,8 @@ Three servers run the same sweep, one after the other, on this machine:
 
 - admission on: ``admission.max_streams`` = ``--max-streams``, sized from
   this benchmark, and load shedding at ``--max-queue-wait-ms`` of projected
-  queue wait. The sized cap replaces the busy-fraction check, which is off.
+  queue wait. The busy-fraction check is off unless ``--on-max-busy-fraction``
+  sets a limit for it beside the cap.
 - shedding only: no configured stream cap, load shedding at
   ``--max-busy-fraction`` (the server's default) of projected busy fraction
   and at ``--max-queue-wait-ms`` (the server's default is 250) of projected
@@ -60,11 +61,16 @@ SECTION_END = "<!-- goodput:end -->"
 MODES = {"on": "admission on", "shed": "shedding only", "off": "admission off"}
 
 
-def server_config(mode: str, max_streams: int, max_queue_wait_ms: float, max_busy_fraction: float) -> str:
+def server_config(
+    mode: str, max_streams: int, max_queue_wait_ms: float, max_busy_fraction: float, on_max_busy_fraction: float = 0.0
+) -> str:
     """Return the TOML config of the served VAD model for one admission mode."""
     shedding = f"max_queue_wait_ms = {max_queue_wait_ms}\nmax_busy_fraction = {max_busy_fraction}\n"
     if mode == "on":
-        admission_table = f"max_streams = {max_streams}\nmax_queue_wait_ms = {max_queue_wait_ms}\nmax_busy_fraction = 0\n"
+        admission_table = (
+            f"max_streams = {max_streams}\nmax_queue_wait_ms = {max_queue_wait_ms}\n"
+            f"max_busy_fraction = {on_max_busy_fraction}\n"
+        )
     elif mode == "shed":
         admission_table = f"max_streams = 100000\n{shedding}"
     else:
@@ -373,6 +379,8 @@ def plot_svg(report: dict, path: pathlib.Path) -> None:
 def markdown(report: dict) -> str:
     cpus = report.get("inference_cpus")
     pinned = f"Every server ran with `--inference-cpus {cpus}`. " if cpus else ""
+    on_fraction = report.get("on_max_busy_fraction")
+    on_busy = f"`admission.max_busy_fraction = {on_fraction:g}`. " if on_fraction else "the busy-fraction check off. "
     lines = [
         SECTION_START,
         "## Goodput against offered load, admission control on and off",
@@ -386,7 +394,8 @@ def markdown(report: dict) -> str:
         f"acknowledged and 99 % of its chunks are acknowledged within {report['budget_ms']:g} ms of their scheduled "
         f"send time (the first {report['warmup_s']:g} s are not timed). Admission on: "
         f"`admission.max_streams = {report['max_streams']}` (sized from this benchmark), "
-        f"`admission.max_queue_wait_ms = {report['max_queue_wait_ms']:g}`, the busy-fraction check off. "
+        f"`admission.max_queue_wait_ms = {report['max_queue_wait_ms']:g}`, "
+        f"{on_busy}"
         "Shedding only: no configured stream cap, "
         f"`admission.max_busy_fraction = {report['max_busy_fraction']:g}` (the default), "
         f"`admission.max_queue_wait_ms = {report['max_queue_wait_ms']:g}`. "
@@ -396,7 +405,7 @@ def markdown(report: dict) -> str:
         f"A health check goes to the server every {HEALTH_PROBE_INTERVAL_S * 1000:.0f} ms on its own connection; "
         "server RSS is the largest resident size sampled during the run. The busy fraction is the median of "
         f"`streaminfer_busy_fraction` read every {BUSY_SAMPLE_INTERVAL_S:g} s while every admitted stream was open "
-        "(only the shedding-only server measures it).",
+        "(a server with the check off does not measure it).",
         "",
         "![goodput against offered streams](bench-results/goodput.svg)",
         "",
@@ -472,6 +481,13 @@ def main() -> int:
         help="admission.max_busy_fraction of the shedding-only server, a fraction from 0 to 1 (default: 0.75)",
     )
     parser.add_argument(
+        "--on-max-busy-fraction",
+        type=float,
+        default=0.0,
+        help="admission.max_busy_fraction of the admission-on server beside its stream cap, a fraction from 0 to 1; "
+        "0 turns the check off (default: 0)",
+    )
+    parser.add_argument(
         "--modes",
         default="on,shed,off",
         help="admission modes to sweep: on, shed, off (default: on,shed,off)",
@@ -501,6 +517,7 @@ def main() -> int:
         "max_queue_wait_ms": args.max_queue_wait_ms,
         "max_busy_fraction": args.max_busy_fraction,
         "inference_cpus": args.inference_cpus,
+        "on_max_busy_fraction": args.on_max_busy_fraction,
     }
     modes = [mode.strip() for mode in args.modes.split(",")]
     unknown = [mode for mode in modes if mode not in MODES]
@@ -509,11 +526,10 @@ def main() -> int:
     report["sweeps"] = {
         mode: run_sweep(
             MODES[mode],
-            server_config(mode, args.max_streams, args.max_queue_wait_ms, args.max_busy_fraction),
+            server_config(mode, args.max_streams, args.max_queue_wait_ms, args.max_busy_fraction, args.on_max_busy_fraction),
             levels,
             args,
-            # Only the shedding-only server runs the busy-fraction check and its probe.
-            measure_busy=mode == "shed" and args.max_busy_fraction > 0,
+            measure_busy=(mode == "shed" and args.max_busy_fraction > 0) or (mode == "on" and args.on_max_busy_fraction > 0),
         )
         for mode in modes
     }
