@@ -37,7 +37,9 @@ def test_cpu_lists_are_read(value, expected) -> None:
     assert load_config(None, {"inference_cpus": value}).inference_cpus == expected
 
 
-@pytest.mark.parametrize("value", ["a", "3-1", "-1", "1-", "0-,2", "1,,x", " , ", True, -1, [1, -2], ["1"]])
+@pytest.mark.parametrize(
+    "value", ["a", "3-1", "-1", "1-", "0-,2", "1,,x", " , ", "0-99999999", True, -1, 9000, [1, -2], ["1"]]
+)
 def test_bad_cpu_list_names_the_field(value) -> None:
     with pytest.raises(ConfigError) as error:
         load_config(None, {"inference_cpus": value})

@@ -11,13 +11,10 @@ thread when given its thread id.
 
 from __future__ import annotations
 
-import logging
 import os
 import pathlib
 
 from streaminfer.server.config import ConfigError
-
-logger = logging.getLogger(__name__)
 
 
 def split_cpus(inference_cpus: tuple[int, ...]) -> tuple[frozenset[int], frozenset[int]]:

@@ -229,17 +229,25 @@ def _boolean(table: Mapping[str, Any], key: str, default: bool, where: str) -> b
     return bool(value)
 
 
+# The largest CPU number a CPU list may name, so that a typo such as
+# "0-99999999" is an error instead of a huge set.
+MAX_CPU_NUMBER = 8191
+
+
 def _cpu_list(table: Mapping[str, Any], key: str, where: str) -> tuple[int, ...]:
     """Read CPU numbers written as taskset -c takes them ("1", "0-3,8"), as one integer or as an array of integers."""
     value = table.get(key, "")
     problem = (
         f"{where}.{key} = {value!r} is invalid: expected a string of CPU numbers such as \"1\" or \"2-3,6\", "
-        "an integer or an array of integers, or \"\" for no pinning"
+        f"an integer or an array of integers (0 to {MAX_CPU_NUMBER}), or \"\" for no pinning"
     )
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
     if isinstance(value, list):
-        _require(all(isinstance(cpu, int) and not isinstance(cpu, bool) and cpu >= 0 for cpu in value), problem)
+        _require(
+            all(isinstance(cpu, int) and not isinstance(cpu, bool) and 0 <= cpu <= MAX_CPU_NUMBER for cpu in value),
+            problem,
+        )
         return tuple(sorted(set(value)))
     _require(isinstance(value, str), problem)
     cpus: set[int] = set()
@@ -249,7 +257,7 @@ def _cpu_list(table: Mapping[str, Any], key: str, where: str) -> tuple[int, ...]
         first, dash, last = part.partition("-")
         _require(first.isdigit() and (last.isdigit() if dash else True), problem)
         low, high = int(first), int(last) if dash else int(first)
-        _require(low <= high, problem)
+        _require(low <= high <= MAX_CPU_NUMBER, problem)
         cpus.update(range(low, high + 1))
     _require(bool(cpus) or not value.strip(), problem)
     return tuple(sorted(cpus))
