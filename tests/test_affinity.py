@@ -46,6 +46,27 @@ def test_bad_cpu_list_names_the_field(value) -> None:
     assert f"server.inference_cpus = {value!r} is invalid: expected a string of CPU numbers" in str(error.value)
 
 
+@needs_two_cpus
+def test_last_cpus_follow_this_process() -> None:
+    assert load_config(None, {"inference_cpus": "last:1"}).inference_cpus == (ALLOWED[-1],)
+    assert load_config(None, {"inference_cpus": f"last:{len(ALLOWED) - 1}"}).inference_cpus == tuple(ALLOWED[1:])
+
+
+@pytest.mark.parametrize("value", ["last:0", "last:x", "last:", "last:-1"])
+def test_bad_last_count_names_the_field(value) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(None, {"inference_cpus": value})
+    assert f"server.inference_cpus = {value!r} is invalid: expected a string of CPU numbers" in str(error.value)
+
+
+def test_last_cpus_must_leave_one() -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(None, {"inference_cpus": f"last:{len(ALLOWED)}"})
+    assert f"takes every CPU this process may use ({','.join(map(str, ALLOWED))}); leave at least one CPU" in str(
+        error.value
+    )
+
+
 def test_torch_threads_default_to_one_per_inference_cpu() -> None:
     assert load_config(None, {"inference_cpus": "4-6"}).resolved_torch_threads() == 3
     assert load_config(None, {"inference_cpus": "4-6", "torch_threads": 1}).resolved_torch_threads() == 1

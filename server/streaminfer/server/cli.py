@@ -98,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--inference-cpus",
         metavar="CPUS",
-        help="CPUs for the inference threads alone, as taskset -c writes them (\"1\", \"2-3\"); every other "
-        "thread runs on the remaining CPUs, and --torch-threads 0 then means one per such CPU; Linux only "
-        "(default: \"\", no pinning)",
+        help="CPUs for the inference threads alone, as taskset -c writes them (\"1\", \"2-3\"), or \"last:N\" "
+        "for the last N CPUs this process may use; every other thread runs on the remaining CPUs, and "
+        "--torch-threads 0 then means one per such CPU; Linux only (default: \"\", no pinning)",
     )
     serve.add_argument(
         "--log-chunks",

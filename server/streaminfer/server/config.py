@@ -235,11 +235,16 @@ MAX_CPU_NUMBER = 8191
 
 
 def _cpu_list(table: Mapping[str, Any], key: str, where: str) -> tuple[int, ...]:
-    """Read CPU numbers written as taskset -c takes them ("1", "0-3,8"), as one integer or as an array of integers."""
+    """Read CPU numbers written as taskset -c takes them ("1", "0-3,8"), as one integer or as an array of integers.
+
+    "last:N" names the last N of the CPUs this process may use, for machines
+    where those numbers are not known in advance (a Kubernetes pod with
+    exclusive CPUs gets the ones the kubelet assigns).
+    """
     value = table.get(key, "")
     problem = (
         f"{where}.{key} = {value!r} is invalid: expected a string of CPU numbers such as \"1\" or \"2-3,6\", "
-        f"an integer or an array of integers (0 to {MAX_CPU_NUMBER}), or \"\" for no pinning"
+        f"\"last:N\", an integer or an array of integers (0 to {MAX_CPU_NUMBER}), or \"\" for no pinning"
     )
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
@@ -250,6 +255,8 @@ def _cpu_list(table: Mapping[str, Any], key: str, where: str) -> tuple[int, ...]
         )
         return tuple(sorted(set(value)))
     _require(isinstance(value, str), problem)
+    if value.strip().startswith("last:"):
+        return _last_cpus(value.strip(), f"{where}.{key}", problem)
     cpus: set[int] = set()
     for part in value.replace(" ", "").split(","):
         if not part:
@@ -261,6 +268,22 @@ def _cpu_list(table: Mapping[str, Any], key: str, where: str) -> tuple[int, ...]
         cpus.update(range(low, high + 1))
     _require(bool(cpus) or not value.strip(), problem)
     return tuple(sorted(cpus))
+
+
+def _last_cpus(value: str, name: str, problem: str) -> tuple[int, ...]:
+    """Return the last N CPUs this process may use, for a value "last:N"."""
+    count = value.removeprefix("last:").strip()
+    _require(count.isdigit() and int(count) >= 1, problem)
+    _require(
+        hasattr(os, "sched_getaffinity"), f"{name} = {value!r} needs Linux (thread CPU affinity); leave it empty here"
+    )
+    allowed = sorted(os.sched_getaffinity(0))
+    _require(
+        int(count) < len(allowed),
+        f"{name} = {value!r} takes every CPU this process may use ({','.join(map(str, allowed))}); leave at least "
+        "one CPU for the event loop, or leave inference_cpus empty",
+    )
+    return tuple(allowed[-int(count):])
 
 
 def _string(table: Mapping[str, Any], key: str, where: str) -> str:
