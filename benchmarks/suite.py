@@ -24,8 +24,9 @@ Results go to stdout, bench-results/suite.json, bench-results/suite.png and
 the side-by-side section of BENCHMARKS.md. Admission control is off in the
 served runs, so the figures show the pipeline itself. On two or more CPUs the
 VAD limit runs twice: as the server starts by default, and with its inference
-threads pinned to the last CPU (``--inference-cpus``), every other thread on the
-rest, and the load generator kept off that CPU as a remote client would be.
+threads pinned to every CPU but the first (``--inference-cpus``), so that they
+keep as many torch threads as the model alone gets, every other server thread
+on the first CPU, and the load generator kept off the inference CPUs.
 """
 
 from __future__ import annotations
@@ -92,39 +93,39 @@ def phase(server_args: list[str], load, **server) -> dict:
 # -- limit ---------------------------------------------------------------------
 
 
-def inference_cpu() -> int | None:
-    """Return the CPU the pinned server gives its inference threads: the last one, when there are two or more."""
+def inference_cpus() -> frozenset[int] | None:
+    """Return the CPUs the pinned server gives its inference threads: all but the first, when there are two or more."""
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    return cpus[-1] if len(cpus) >= 2 else None
+    return frozenset(cpus[1:]) if len(cpus) >= 2 else None
 
 
-async def away_from(cpu: int, load: Awaitable[dict]) -> dict:
-    """Await ``load`` with every thread of this process kept off ``cpu``, as a client on another machine would be."""
+async def away_from(cpus: frozenset[int], load: Awaitable[dict]) -> dict:
+    """Await ``load`` with every thread of this process kept off ``cpus``."""
     before = frozenset(os.sched_getaffinity(0))
-    affinity.pin_process(before - {cpu})
+    affinity.pin_process(before - cpus)
     try:
         return await load
     finally:
         affinity.pin_process(before)
 
 
-def limit_vad(server_args: list[str], options: argparse.Namespace, pinned_cpu: int | None = None) -> dict:
-    """Measure served VAD windows per second against the model alone; with ``pinned_cpu``, inference runs there."""
+def limit_vad(server_args: list[str], options: argparse.Namespace, pinned: frozenset[int] | None = None) -> dict:
+    """Measure served VAD windows per second against the model alone; with ``pinned``, inference runs on those CPUs."""
     windows = 16
     config, request = audio_messages("silero_vad", vad_streams.WINDOW * windows)
-    if pinned_cpu is not None:
-        server_args = [*server_args, "--inference-cpus", str(pinned_cpu)]
+    if pinned is not None:
+        server_args = [*server_args, "--inference-cpus", affinity.format_cpus(pinned)]
 
     def load(target: str) -> Awaitable[dict]:
         run = saturate(target, 128, 2, config, request, options.warmup, options.seconds, channels=4)
-        return run if pinned_cpu is None else away_from(pinned_cpu, run)
+        return run if pinned is None else away_from(pinned, run)
 
     served = phase(server_args, load, model="silero_vad")
     served["items_per_second"] = served["chunks_per_second"] * windows
     batch = max(1, round(served["server_batches"].get("mean_batch_size", 1)))
     raw = vad_streams.raw_model_throughput(batch, options.seconds / 2, _torch_threads())
     row = _limit_row("silero_vad", "512-sample windows", served, batch, raw["windows_per_second"])
-    row["inference_cpus"] = "" if pinned_cpu is None else str(pinned_cpu)
+    row["inference_cpus"] = "" if pinned is None else affinity.format_cpus(pinned)
     return row
 
 
@@ -345,7 +346,7 @@ def markdown(report: dict) -> str:
 
     for row in report.get("limit", []):
         pinned = (
-            f", `--inference-cpus {row['inference_cpus']}`, load generator off that CPU" if row.get("inference_cpus") else ""
+            f", `--inference-cpus {row['inference_cpus']}`, load generator off those CPUs" if row.get("inference_cpus") else ""
         )
         lines.append(
             f"| limit: {row['model']} at saturation{pinned}, {row['unit']}/s | {row['served_per_second']:,.0f} "
@@ -429,10 +430,11 @@ def main() -> int:
         print("limit: Silero VAD at saturation, then the model alone ...", flush=True)
         report["limit"] = [limit_vad(server_args, options)]
         _show(report["limit"][-1])
-        pinned_cpu = inference_cpu()
-        if pinned_cpu is not None:
-            print(f"limit: Silero VAD at saturation, inference threads on CPU {pinned_cpu} and the load generator off it, then the model alone ...", flush=True)
-            report["limit"].append(limit_vad(server_args, options, pinned_cpu))
+        pinned = inference_cpus()
+        if pinned is not None:
+            cpus = affinity.format_cpus(pinned)
+            print(f"limit: Silero VAD at saturation, inference threads on CPU {cpus} and the load generator off it, then the model alone ...", flush=True)
+            report["limit"].append(limit_vad(server_args, options, pinned))
             _show(report["limit"][-1])
         print("limit: all-MiniLM-L6-v2 at saturation, then the model alone ...", flush=True)
         report["limit"].append(limit_embedding(server_args, options))

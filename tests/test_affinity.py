@@ -16,7 +16,10 @@ import pytest
 from streamutil import audio_requests, run_stream
 from streaminfer.server import affinity
 from streaminfer.server.config import ConfigError, load_config
+from streaminfer.server.workers import worker_config
 from streaminfer.v1 import streaminfer_pb2 as pb
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="thread CPU affinity is Linux only")
 
 ALLOWED = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 needs_two_cpus = pytest.mark.skipif(len(ALLOWED) < 2, reason="pinning needs two CPUs this process may use")
@@ -31,14 +34,15 @@ modality = "audio"
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("", ()), ("1", (1,)), ("0-3, 8", (0, 1, 2, 3, 8)), ("2,2,1", (1, 2)), ([3, 1], (1, 3)), (2, (2,))],
+    [("", ()), ("1", (1,)), ("0-3, 8", (0, 1, 2, 3, 8)), (" 0 - 1 ,3", (0, 1, 3)), ("2,2,1", (1, 2)), ([3, 1], (1, 3)), (2, (2,))],
 )
 def test_cpu_lists_are_read(value, expected) -> None:
     assert load_config(None, {"inference_cpus": value}).inference_cpus == expected
 
 
 @pytest.mark.parametrize(
-    "value", ["a", "3-1", "-1", "1-", "0-,2", "1,,x", " , ", "0-99999999", True, -1, 9000, [1, -2], ["1"]]
+    "value",
+    ["a", "3-1", "-1", "1-", "0-,2", "1,,x", "1,", " , ", "0 1", "\u00b2", "0-99999999", True, -1, 9000, [1, -2], ["1"]],
 )
 def test_bad_cpu_list_names_the_field(value) -> None:
     with pytest.raises(ConfigError) as error:
@@ -52,7 +56,7 @@ def test_last_cpus_follow_this_process() -> None:
     assert load_config(None, {"inference_cpus": f"last:{len(ALLOWED) - 1}"}).inference_cpus == tuple(ALLOWED[1:])
 
 
-@pytest.mark.parametrize("value", ["last:0", "last:x", "last:", "last:-1"])
+@pytest.mark.parametrize("value", ["last:0", "last:x", "last:", "last:-1", "last:\u00b2"])
 def test_bad_last_count_names_the_field(value) -> None:
     with pytest.raises(ConfigError) as error:
         load_config(None, {"inference_cpus": value})
@@ -70,6 +74,21 @@ def test_last_cpus_must_leave_one() -> None:
 def test_torch_threads_default_to_one_per_inference_cpu() -> None:
     assert load_config(None, {"inference_cpus": "4-6"}).resolved_torch_threads() == 3
     assert load_config(None, {"inference_cpus": "4-6", "torch_threads": 1}).resolved_torch_threads() == 1
+
+
+def test_workers_divide_the_pinned_cpus() -> None:
+    config = load_config(None, {"inference_cpus": "2-5"})
+    assert worker_config(config, 2).torch_threads == 2
+    assert worker_config(config, 8).torch_threads == 1
+
+
+@needs_two_cpus
+@pytest.mark.parametrize("variable", affinity.OPENMP_BINDING_VARIABLES)
+def test_openmp_binding_is_rejected(monkeypatch, variable) -> None:
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(ConfigError) as error:
+        affinity.split_cpus((ALLOWED[-1],))
+    assert f"cannot work with {variable} set: OpenMP then places torch's threads on CPUs itself" in str(error.value)
 
 
 def test_cpu_numbers_are_written_with_ranges() -> None:
@@ -105,16 +124,62 @@ def allowed_cpus_of_threads(pid: int) -> dict[int, str]:
     return found
 
 
+MINILM = """
+[[models]]
+name = "minilm_embedding"
+kind = "minilm_embedding"
+"""
+
+
+def noop_audio_stream(channel: grpc.Channel) -> int:
+    """Stream a second of tone to the no-op audio model; return the chunks acked."""
+    tone = (np.sin(np.arange(16_000) / 8.0) * 8000).astype("<i2")
+    requests = audio_requests(tone, 16_000)
+    config = pb.StreamConfig(
+        models=[pb.ModelSelection(model="noop_audio")],
+        audio_format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_LINEAR16, sample_rate_hertz=16_000),
+    )
+    outcome = run_stream(channel, config, requests)
+    assert outcome.errors == []
+    assert len(outcome.acked[pb.MODALITY_AUDIO]) == len(requests)
+    return len(requests)
+
+
+def embedding_stream(channel: grpc.Channel) -> int:
+    """Stream two sentences to MiniLM; return the chunks acked."""
+    requests = [
+        pb.StreamRequest(text=pb.TextChunk(sequence_number=index, text=text.encode()))
+        for index, text in enumerate(["The pump runs at night. ", "Its noise wakes the neighbours. "])
+    ]
+    config = pb.StreamConfig(models=[pb.ModelSelection(model="minilm_embedding")])
+    outcome = run_stream(channel, config, requests)
+    assert outcome.errors == []
+    assert len(outcome.acked[pb.MODALITY_TEXT]) == len(requests)
+    return len(requests)
+
+
 @needs_two_cpus
-def test_server_pins_inference_threads_apart(tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("models", "torch_threads", "stream", "fewest_pinned", "most_pinned"),
+    [
+        # The inference thread alone: one torch thread, and the no-op model starts none.
+        (NOOP_AUDIO, "0", noop_audio_stream, 1, 1),
+        # The inference thread and the threads started from it: torch's
+        # intra-op thread and any the model's libraries start.
+        (MINILM, "2", embedding_stream, 2, None),
+    ],
+)
+def test_server_pins_inference_threads_apart(
+    tmp_path, models, torch_threads, stream, fewest_pinned, most_pinned
+) -> None:
     config = tmp_path / "server.toml"
-    config.write_text(NOOP_AUDIO)
+    config.write_text(models)
     inference_cpu = ALLOWED[-1]
     rest = affinity.format_cpus(frozenset(ALLOWED[:-1]))
     server = subprocess.Popen(
         [
-            sys.executable, "-m", "streaminfer.server.cli", "serve", "--config", str(config),
-            "--port", "0", "--metrics-port", "-1", "--inference-cpus", str(inference_cpu),
+            sys.executable, "-m", "streaminfer.server.cli", "serve", "--config", str(config), "--port", "0",
+            "--metrics-port", "-1", "--inference-cpus", str(inference_cpu), "--torch-threads", torch_threads,
         ],  # fmt: skip
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -130,24 +195,15 @@ def test_server_pins_inference_threads_apart(tmp_path) -> None:
         port = re.search(r"listening on \S+:(\d+)", log[-1]).group(1)
         expected = f"inference threads pinned to CPU(s) {inference_cpu}; every other thread to CPU(s) {rest}"
         assert any(expected in line for line in log), log
-        tone = (np.sin(np.arange(16_000) / 8.0) * 8000).astype("<i2")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            outcome = run_stream(
-                channel,
-                pb.StreamConfig(
-                    models=[pb.ModelSelection(model="noop_audio")],
-                    audio_format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_LINEAR16, sample_rate_hertz=16_000),
-                ),
-                audio_requests(tone, 16_000),
-            )
-        assert outcome.errors == []
-        assert len(outcome.acked[pb.MODALITY_AUDIO]) == len(audio_requests(tone, 16_000))
+            assert stream(channel) > 0
 
         threads = allowed_cpus_of_threads(server.pid)
         assert threads[server.pid] == rest
-        # One inference thread for the model's one instance, and one intra-op thread at most.
         pinned = [tid for tid, cpus in threads.items() if cpus == str(inference_cpu)]
-        assert 1 <= len(pinned) <= 2, threads
+        assert len(pinned) >= fewest_pinned, threads
+        if most_pinned is not None:
+            assert len(pinned) <= most_pinned, threads
         assert all(cpus in (rest, str(inference_cpu)) for cpus in threads.values()), threads
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0

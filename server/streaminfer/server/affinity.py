@@ -17,12 +17,24 @@ import pathlib
 from streaminfer.server.config import ConfigError
 
 
+# Environment variables with which OpenMP places its threads on CPUs itself:
+# its binding narrows the main thread's CPUs when torch loads and ignores the
+# CPUs that the intra-op threads would inherit from a pinned inference thread.
+OPENMP_BINDING_VARIABLES = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY")
+
+
 def split_cpus(inference_cpus: tuple[int, ...]) -> tuple[frozenset[int], frozenset[int]]:
     """Return (inference CPUs, CPUs for every other thread), checked against the CPUs this process may use."""
     if not hasattr(os, "sched_setaffinity"):
         raise ConfigError(
             f"server.inference_cpus = {format_cpus(inference_cpus)!r} needs Linux (thread CPU affinity); "
             "leave it empty on this system"
+        )
+    binding = [name for name in OPENMP_BINDING_VARIABLES if os.environ.get(name)]
+    if binding:
+        raise ConfigError(
+            f"server.inference_cpus = {format_cpus(inference_cpus)!r} cannot work with {', '.join(binding)} set: "
+            "OpenMP then places torch's threads on CPUs itself; unset it or leave inference_cpus empty"
         )
     allowed = frozenset(os.sched_getaffinity(0))
     inference = frozenset(inference_cpus)
@@ -41,19 +53,25 @@ def split_cpus(inference_cpus: tuple[int, ...]) -> tuple[frozenset[int], frozens
     return inference, rest
 
 
-def pin_process(cpus: frozenset[int]) -> int:
+def pin_process(cpus: frozenset[int], passes: int = 3) -> int:
     """Pin every thread of this process to ``cpus``; return how many were pinned.
 
     Threads started later inherit the affinity of the thread that starts them.
+    A thread that a thread not yet pinned starts during a pass is caught by
+    the next pass. Passes repeat, up to ``passes``, until one finds no new thread.
     """
-    pinned = 0
-    for task in pathlib.Path("/proc/self/task").iterdir():
-        try:
-            os.sched_setaffinity(int(task.name), cpus)
-        except ProcessLookupError:
-            continue  # the thread ended meanwhile
-        pinned += 1
-    return pinned
+    pinned: set[int] = set()
+    for _ in range(passes):
+        found = {int(task.name) for task in pathlib.Path("/proc/self/task").iterdir()} - pinned
+        if not found:
+            break
+        for thread_id in found:
+            try:
+                os.sched_setaffinity(thread_id, cpus)
+            except ProcessLookupError:
+                continue  # the thread ended meanwhile
+            pinned.add(thread_id)
+    return len(pinned)
 
 
 def pin_current_thread(cpus: frozenset[int]) -> None:

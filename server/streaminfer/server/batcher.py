@@ -523,7 +523,16 @@ class ModelRunner:
     def _work(self, instance: int) -> None:
         if self._cpus is not None:
             # Before torch starts its intra-op threads, which inherit it.
-            affinity.pin_current_thread(self._cpus)
+            try:
+                affinity.pin_current_thread(self._cpus)
+            except OSError as error:
+                logger.error(
+                    "model %s: pinning inference thread %d to CPU(s) %s failed (%s); it runs on the CPUs of the rest of the process",
+                    self.model.info.name,
+                    instance,
+                    affinity.format_cpus(self._cpus),
+                    error,
+                )
         torch.set_num_threads(self._torch_threads)
         while True:
             taken = self._take_batch()

@@ -93,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
         "share the first (default: 2)",
     )
     serve.add_argument(
-        "--torch-threads", type=int, help="intra-op threads per inference worker; 0 means cores minus one (default: 0)"
+        "--torch-threads",
+        type=int,
+        help="intra-op threads per inference worker; 0 means cores minus one, or one per CPU of --inference-cpus "
+        "(default: 0)",
     )
     serve.add_argument(
         "--inference-cpus",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from typing import Any
@@ -136,7 +137,7 @@ class ServerConfig:
     port: int = 50051
     decode_threads: int = 2
     # Intra-op threads per inference worker; 0 means one per core minus one
-    # for the event loop, at least 1.
+    # for the event loop, at least 1, or one per CPU of inference_cpus.
     torch_threads: int = 0
     # CPUs for the inference threads alone. Every other thread of the process
     # runs on the remaining CPUs. Empty: no pinning.
@@ -232,6 +233,9 @@ def _boolean(table: Mapping[str, Any], key: str, default: bool, where: str) -> b
 # The largest CPU number a CPU list may name, so that a typo such as
 # "0-99999999" is an error instead of a huge set.
 MAX_CPU_NUMBER = 8191
+# One part of a CPU list: a CPU number or a range, with spaces only around it
+# ("0 1" is an error, not CPU 1 or CPU 01).
+_CPU_RANGE = re.compile(r"\s*([0-9]+)(?:\s*-\s*([0-9]+))?\s*")
 
 
 def _cpu_list(table: Mapping[str, Any], key: str, where: str) -> tuple[int, ...]:
@@ -258,22 +262,22 @@ def _cpu_list(table: Mapping[str, Any], key: str, where: str) -> tuple[int, ...]
     if value.strip().startswith("last:"):
         return _last_cpus(value.strip(), f"{where}.{key}", problem)
     cpus: set[int] = set()
-    for part in value.replace(" ", "").split(","):
-        if not part:
-            continue
-        first, dash, last = part.partition("-")
-        _require(first.isdigit() and (last.isdigit() if dash else True), problem)
-        low, high = int(first), int(last) if dash else int(first)
+    for part in value.split(","):
+        if not part.strip() and len(value.split(",")) == 1:
+            continue  # "" or spaces: no pinning
+        match = _CPU_RANGE.fullmatch(part)
+        _require(match is not None, problem)
+        low = int(match.group(1))
+        high = int(match.group(2)) if match.group(2) is not None else low
         _require(low <= high <= MAX_CPU_NUMBER, problem)
         cpus.update(range(low, high + 1))
-    _require(bool(cpus) or not value.strip(), problem)
     return tuple(sorted(cpus))
 
 
 def _last_cpus(value: str, name: str, problem: str) -> tuple[int, ...]:
     """Return the last N CPUs this process may use, for a value "last:N"."""
     count = value.removeprefix("last:").strip()
-    _require(count.isdigit() and int(count) >= 1, problem)
+    _require(re.fullmatch(r"[0-9]+", count) is not None and int(count) >= 1, problem)
     _require(
         hasattr(os, "sched_getaffinity"), f"{name} = {value!r} needs Linux (thread CPU affinity); leave it empty here"
     )
