@@ -7,6 +7,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import tomllib
 
 import grpc
 import pytest
@@ -236,3 +237,46 @@ def test_goodput_finds_metrics_address():
     assert goodput.metrics_url(log) == "http://127.0.0.1:50124/metrics"
     with pytest.raises(RuntimeError):
         goodput.metrics_url(log[:1])
+
+
+def test_goodput_config_puts_busy_check_beside_cap():
+    import goodput
+
+    on = tomllib.loads(goodput.server_config("on", 190, 100.0, 0.75, 0.8))["admission"]
+    assert on["max_streams"] == 190
+    assert on["max_busy_fraction"] == 0.8
+    assert tomllib.loads(goodput.server_config("on", 190, 100.0, 0.75))["admission"]["max_busy_fraction"] == 0
+    shed = tomllib.loads(goodput.server_config("shed", 190, 100.0, 0.75, 0.8))["admission"]
+    assert shed["max_busy_fraction"] == 0.75
+    off = tomllib.loads(goodput.server_config("off", 190, 100.0, 0.75, 0.8))["admission"]
+    assert (off["max_queue_wait_ms"], off["max_busy_fraction"]) == (0, 0)
+
+
+def test_goodput_section_names_the_settings():
+    import goodput
+
+    report = {
+        "command": "python benchmarks/goodput.py",
+        "machine": "test machine",
+        "date": "2026-12-05",
+        "duration_s": 8.0,
+        "ramp_s": 2.0,
+        "warmup_s": 1.0,
+        "chunk_ms": 32,
+        "budget_ms": 150.0,
+        "max_streams": 190,
+        "max_queue_wait_ms": 100.0,
+        "max_busy_fraction": 0.75,
+        "inference_cpus": "1",
+        "on_max_busy_fraction": 0.8,
+        "sweeps": {},
+        "summary": {"peak_goodput": 0, "top_offered": 600, "top": {}},
+    }
+    section = goodput.markdown(report)
+    assert "`admission.max_queue_wait_ms = 100`, `admission.max_busy_fraction = 0.8`. Shedding only" in section
+    assert "Every server ran with `--inference-cpus 1`." in section
+    report["on_max_busy_fraction"] = 0.0
+    report["inference_cpus"] = ""
+    section = goodput.markdown(report)
+    assert "`admission.max_queue_wait_ms = 100`, the busy-fraction check off. Shedding only" in section
+    assert "--inference-cpus" not in section
