@@ -81,30 +81,24 @@ def test_chunks_over_rate_are_reported(limited: ServerThread) -> None:
         assert "chunks-per-second limit" in error.message
 
 
-def test_projected_wait_rejects_new_stream(limited: ServerThread) -> None:
+def test_projected_wait_rejects_new_stream(limited: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
     service = limited.server.service
-    service.projected_wait = lambda: (0.4, "model silero_vad: 300 item(s) queued")
-    try:
-        with grpc.insecure_channel(limited.target) as channel:
-            error = rejection(channel, (("x-api-key", "overload-test"),))
-    finally:
-        service.projected_wait = limited.server.monitor.projected_wait
+    monkeypatch.setattr(service, "projected_wait", lambda: (0.4, "model silero_vad: 300 item(s) queued"))
+    with grpc.insecure_channel(limited.target) as channel:
+        error = rejection(channel, (("x-api-key", "overload-test"),))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert "about 400 ms in its queues (model silero_vad: 300 item(s) queued)" in error.details()
     assert "admission.max_queue_wait_ms of 250 ms" in error.details()
     assert pushback_ms(error) == 700
 
 
-def test_projected_busy_fraction_rejects_new_stream(limited: ServerThread) -> None:
+def test_projected_busy_fraction_rejects_new_stream(limited: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
     from streaminfer.server.load import BusyProjection
 
     service = limited.server.service
-    service.busy_projection = lambda: BusyProjection(measured=0.62, projected=0.83, streams=140)
-    try:
-        with grpc.insecure_channel(limited.target) as channel:
-            error = rejection(channel, (("x-api-key", "overload-test"),))
-    finally:
-        service.busy_projection = limited.server.monitor.busy_projection
+    monkeypatch.setattr(service, "busy_projection", lambda: BusyProjection(measured=0.62, projected=0.83, streams=140))
+    with grpc.insecure_channel(limited.target) as channel:
+        error = rejection(channel, (("x-api-key", "overload-test"),))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert "62% of the last second, and with 0 streams open one more projects 83%" in error.details()
     assert "over its admission.max_busy_fraction of 0.75" in error.details()
@@ -112,16 +106,14 @@ def test_projected_busy_fraction_rejects_new_stream(limited: ServerThread) -> No
     assert service.rejected["UNAVAILABLE"] >= 1
 
 
-def test_cold_start_limit_rejects_burst(limited: ServerThread) -> None:
+def test_cold_start_limit_rejects_burst(limited: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
     from streaminfer.server.load import BusyProjection
 
     service = limited.server.service
-    service.busy_projection = lambda: BusyProjection(measured=0.0, projected=0.0, streams=0.0, cold_start_limit=0)
-    try:
-        with grpc.insecure_channel(limited.target) as channel:
-            error = rejection(channel, (("x-api-key", "overload-test"),))
-    finally:
-        service.busy_projection = limited.server.monitor.busy_projection
+    cold = BusyProjection(measured=0.0, projected=0.0, streams=0.0, cold_start_limit=0)
+    monkeypatch.setattr(service, "busy_projection", lambda: cold)
+    with grpc.insecure_channel(limited.target) as channel:
+        error = rejection(channel, (("x-api-key", "overload-test"),))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert "has not yet measured what one costs, so it admits at most 0 until it has" in error.details()
     assert pushback_ms(error) == 700
