@@ -17,9 +17,10 @@ import pathlib
 from streaminfer.server.config import ConfigError
 
 
-# Environment variables with which OpenMP places its threads on CPUs itself:
-# its binding narrows the main thread's CPUs when torch loads and ignores the
-# CPUs that the intra-op threads would inherit from a pinned inference thread.
+# Environment variables with which OpenMP places its threads on CPUs itself.
+# With OMP_PROC_BIND=true, loading torch narrowed the main thread's CPUs to
+# one, and OpenMP is expected to place the intra-op threads by its own rules
+# rather than on the CPUs they inherit from a pinned inference thread.
 OPENMP_BINDING_VARIABLES = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY")
 
 

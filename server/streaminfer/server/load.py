@@ -176,8 +176,12 @@ class BusyMeter:
             and changes <= STEADY_NEW_SHARE * streams_open
             and measured <= self._limit
         ):
-            cost = max(0.0, measured - self.idle_fraction) / streams_open
+            cost = self._cost_per_stream(measured, streams_open)
             self.steady_cost = cost if self.steady_cost is None else self.steady_cost + COST_WEIGHT * (cost - self.steady_cost)
+
+    def _cost_per_stream(self, measured: float, streams: float) -> float:
+        """Return the busy fraction above the idle server's, divided over ``streams``."""
+        return max(0.0, measured - self.idle_fraction) / streams
 
     def fraction(self) -> float | None:
         """Return the share of the last second's wakes that were late; None before enough wakes."""
@@ -202,7 +206,7 @@ class BusyMeter:
         streams = self.streams()
         cost = self.steady_cost
         if cost is None and streams >= PROJECT_MIN_STREAMS:
-            cost = max(0.0, measured - self.idle_fraction) / streams
+            cost = self._cost_per_stream(measured, streams)
         if cost is None:
             return BusyProjection(measured, measured, streams, max(COLD_START_STREAMS, int(2 * streams)))
         projected = max(measured, self.idle_fraction + cost * (open_streams + 1))
