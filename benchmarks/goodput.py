@@ -39,6 +39,7 @@ import threading
 import time
 
 import numpy as np
+from streaminfer.server.config import AdmissionConfig
 
 from vad_streams import (
     REPO_ROOT,
@@ -397,7 +398,8 @@ def markdown(report: dict) -> str:
         f"`admission.max_queue_wait_ms = {report['max_queue_wait_ms']:g}`, "
         f"{on_busy}"
         "Shedding only: no configured stream cap, "
-        f"`admission.max_busy_fraction = {report['max_busy_fraction']:g}` (the default), "
+        f"`admission.max_busy_fraction = {report['max_busy_fraction']:g}`"
+        f"{' (the default)' if report['max_busy_fraction'] == AdmissionConfig().max_busy_fraction else ''}, "
         f"`admission.max_queue_wait_ms = {report['max_queue_wait_ms']:g}`. "
         "Admission off: none of them. A rejected stream is not retried. "
         f"{pinned}"
@@ -477,8 +479,9 @@ def main() -> int:
     parser.add_argument(
         "--max-busy-fraction",
         type=float,
-        default=0.75,
-        help="admission.max_busy_fraction of the shedding-only server, a fraction from 0 to 1 (default: 0.75)",
+        default=AdmissionConfig().max_busy_fraction,
+        help="admission.max_busy_fraction of the shedding-only server, a fraction from 0 to 1 "
+        f"(default: the server's, {AdmissionConfig().max_busy_fraction:g})",
     )
     parser.add_argument(
         "--on-max-busy-fraction",

@@ -96,12 +96,12 @@ def test_projected_busy_fraction_rejects_new_stream(limited: ServerThread, monke
     from streaminfer.server.load import BusyProjection
 
     service = limited.server.service
-    monkeypatch.setattr(service, "busy_projection", lambda: BusyProjection(measured=0.62, projected=0.83, streams=140))
+    monkeypatch.setattr(service, "busy_projection", lambda: BusyProjection(measured=0.62, projected=0.91, streams=140))
     with grpc.insecure_channel(limited.target) as channel:
         error = rejection(channel, (("x-api-key", "overload-test"),))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert "62% of the last second, and with 0 streams open one more projects 83%" in error.details()
-    assert "over its admission.max_busy_fraction of 0.75" in error.details()
+    assert "event loop was busy 62% of the last second, and with 0 streams open one more projects 91%" in error.details()
+    assert "over its admission.max_busy_fraction of 0.85" in error.details()
     assert pushback_ms(error) == 700
     assert service.rejected["UNAVAILABLE"] >= 1
 

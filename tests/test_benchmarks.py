@@ -216,17 +216,18 @@ def test_ray_peer_rejects_partial_window(peer_proto):
         vad.detect([short], peer_proto.DetectResponse)
 
 
-def test_wake_probe_cost_prints_ratio():
+def test_loop_sampler_cost_prints_ratio():
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "wake_probe_cost.py"), "--rounds", "1", "--seconds", "0.3"],
+        [sys.executable, str(BENCHMARKS / "loop_sampler_cost.py"), "--rounds", "1", "--seconds", "0.3"],
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     )
     assert "round 1/1:" in result.stdout
-    ratio = float(result.stdout.rsplit("median ratio with / without the probe: ", 1)[1])
-    # The probe takes a small share of a busy thread's time; a ratio far from 1 means a broken run.
+    assert "busy), ratio" in result.stdout
+    ratio = float(result.stdout.rsplit("median ratio with / without the sampler: ", 1)[1])
+    # The sampler takes a small share of a busy thread's time; a ratio far from 1 means a broken run.
     assert 0.5 < ratio < 1.5
 
 
@@ -280,6 +281,9 @@ def test_goodput_section_names_the_settings():
     section = goodput.markdown(report)
     assert "`admission.max_queue_wait_ms = 100`, the busy-fraction check off. Shedding only" in section
     assert "--inference-cpus" not in section
+    assert "`admission.max_busy_fraction = 0.75`, `admission" in section
+    report["max_busy_fraction"] = 0.85
+    assert "`admission.max_busy_fraction = 0.85` (the default), `admission" in goodput.markdown(report)
 
 
 def test_suite_limit_rows_name_pinning():

@@ -292,8 +292,8 @@ def test_synthetic_busy_fraction_is_a_finding() -> None:
     assert report["saturation"]["busy_fraction"] == pytest.approx(0.81)
     texts = [finding["text"] for finding in report["findings"]]
     assert any(
-        "busy fraction 0.81: the server's threads waited for the GIL or a CPU at 81% of probe wakes in the last "
-        "second (admission.max_busy_fraction 0.75)" in text
+        "busy fraction 0.81: the event loop was busy 81% of the last second, instead of waiting for network "
+        "events (admission.max_busy_fraction 0.75)" in text
         for text in texts
     )
     assert any("40 streams rejected (busy)" in text for text in texts)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import types
+
+import pytest
 
 from test_batcher import Owner, RecordingModel
 
@@ -134,28 +137,25 @@ def test_stream_cap_learned_from_overload() -> None:
     assert monitor.learned_max_streams == 80
 
 
-ON_TIME = 0.00005
-LATE = 0.001
-
-
-def wakes(late: int, total: int = 50) -> list[float]:
-    return [LATE] * late + [ON_TIME] * (total - late)
+def samples(busy: int, total: int = 50) -> tuple[int, int]:
+    """One check's loop samples: ``total`` of them, ``busy`` of which found the loop busy."""
+    return total, busy
 
 
 def test_busy_fraction_projects_cost_per_stream() -> None:
     from streaminfer.server.load import BusyMeter
 
     meter = BusyMeter(0.8)
-    # No wakes yet and no cost known: the cold-start limit applies.
+    # No samples yet and no cost known: the cold-start limit applies.
     cold = meter.project(0)
     assert cold.measured == 0.0
     assert cold.cold_start_limit == 64
     for _ in range(8):
-        meter.add_check(wakes(0), streams=0.0, changed_streams=0)
+        meter.add_check(*samples(0), streams=0.0, changed_streams=0)
     assert meter.idle_fraction == 0.0
-    # A steady second at 100 streams with 40 % of wakes late: 0.004 per stream.
+    # A steady second at 100 streams with the loop busy 40 % of it: 0.004 per stream.
     for _ in range(4):
-        meter.add_check(wakes(20), streams=100.0, changed_streams=0)
+        meter.add_check(*samples(20), streams=100.0, changed_streams=0)
     assert meter.fraction() == 0.4
     assert meter.steady_cost is not None and abs(meter.steady_cost - 0.004) < 1e-12
     projection = meter.project(150)
@@ -173,12 +173,12 @@ def test_busy_burst_of_new_streams_keeps_steady_cost() -> None:
 
     meter = BusyMeter(0.8)
     for _ in range(4):
-        meter.add_check(wakes(20), streams=100.0, changed_streams=0)
+        meter.add_check(*samples(20), streams=100.0, changed_streams=0)
     steady = meter.steady_cost
     # 80 streams opened within the second: setting them up costs more than
     # carrying them, so the steady cost stays and the 180 open streams count at it.
     for _ in range(4):
-        meter.add_check(wakes(30), streams=120.0, changed_streams=20)
+        meter.add_check(*samples(30), streams=120.0, changed_streams=20)
     assert meter.steady_cost == steady
     projection = meter.project(180)
     assert projection is not None and abs(projection.projected - 0.724) < 1e-9
@@ -189,12 +189,12 @@ def test_busy_cost_not_learned_past_limit() -> None:
 
     meter = BusyMeter(0.8)
     for _ in range(4):
-        meter.add_check(wakes(20), streams=100.0, changed_streams=0)
-    # 150 streams more, then saturated: 44 of 50 wakes late with 250 streams
+        meter.add_check(*samples(20), streams=100.0, changed_streams=0)
+    # 150 streams more, then saturated: 44 of 50 samples busy with 250 streams
     # would price a stream at 0.0035, under the 0.004 learned.
-    meter.add_check(wakes(44), streams=250.0, changed_streams=150)
+    meter.add_check(*samples(44), streams=250.0, changed_streams=150)
     for _ in range(8):
-        meter.add_check(wakes(44), streams=250.0, changed_streams=0)
+        meter.add_check(*samples(44), streams=250.0, changed_streams=0)
     assert meter.steady_cost is not None and abs(meter.steady_cost - 0.004) < 1e-12
 
 
@@ -204,64 +204,81 @@ def test_busy_cost_before_steady_second() -> None:
     meter = BusyMeter(0.8)
     # Streams opening from the start: the cost over the last second is used, 0.3 over 50 streams.
     for _ in range(4):
-        meter.add_check(wakes(15), streams=50.0, changed_streams=25)
+        meter.add_check(*samples(15), streams=50.0, changed_streams=25)
     assert meter.steady_cost is None
     projection = meter.project(120)
     assert projection is not None and abs(projection.projected - 0.726) < 1e-9
     # Fewer than 8 streams on average: too few to price one, so only the measure counts.
     small = BusyMeter(0.8)
     for _ in range(4):
-        small.add_check(wakes(5), streams=4.0, changed_streams=1)
+        small.add_check(*samples(5), streams=4.0, changed_streams=1)
     projection = small.project(60)
     assert projection.projected == 0.1
     assert projection.cold_start_limit == 64
     # Twice the streams open over the last second once that is more than 64.
     busy_start = BusyMeter(0.8)
     for _ in range(4):
-        busy_start.add_check(wakes(0), streams=50.0, changed_streams=50)
-    assert busy_start.project(60).cold_start_limit is None  # 50 streams with no late wake: a cost of 0 is known
+        busy_start.add_check(*samples(0), streams=50.0, changed_streams=50)
+    assert busy_start.project(60).cold_start_limit is None  # 50 streams and an idle loop: a cost of 0 is known
 
 
-def test_late_wakes_counted_from_the_timers_own_delay() -> None:
-    from streaminfer.server.load import BusyMeter
+def test_loop_sampler_tells_an_epoll_wait_from_work() -> None:
+    import hashlib
+    import selectors
+    import socket
 
-    meter = BusyMeter(0.8)
-    # A slow timer wakes 0.5 ms late even when idle, so only wakes 0.2 ms past that are late.
-    for _ in range(4):
-        meter.add_check([0.0005] * 40 + [0.0006] * 5 + [0.0008] * 5, streams=0.0, changed_streams=0)
-    assert meter.fraction() == 0.1
+    from streaminfer.server.load import LoopSampler, loop_sampling_unavailable
 
+    working = threading.Event()
+    stop = threading.Event()
+    thread_ids: list[int] = []
 
-def test_wake_probe_sees_a_thread_holding_the_gil() -> None:
-    import threading
-
-    from streaminfer.server.load import LATE_WAKE_S, WakeProbe
-
-    def late_share(lateness: list[float]) -> float:
-        return sum(1 for value in lateness if value > min(lateness) + LATE_WAKE_S) / len(lateness)
-
-    probe = WakeProbe()
-    probe.start()
-    try:
-        time.sleep(0.5)
-        idle = probe.take()
-        stop = threading.Event()
-
-        def spin() -> None:
-            count = 0
+    def loop() -> None:
+        thread_ids.append(threading.get_native_id())
+        reader, writer = socket.socketpair()
+        with reader, writer, selectors.EpollSelector() as selector:
+            selector.register(reader, selectors.EVENT_READ)
+            block = bytes(1 << 20)
             while not stop.is_set():
-                count += 1
+                if working.is_set():
+                    # hashlib releases the GIL for large inputs, so the sampler runs meanwhile.
+                    hashlib.sha256(block).digest()
+                else:
+                    selector.select(0.05)
 
-        spinner = threading.Thread(target=spin)
-        spinner.start()
-        time.sleep(0.5)
-        busy = probe.take()
-        stop.set()
-        spinner.join()
+    thread = threading.Thread(target=loop)
+    thread.start()
+    try:
+        while not thread_ids:
+            time.sleep(0.01)
+        assert loop_sampling_unavailable(thread_ids[0]) is None
+        sampler = LoopSampler(thread_ids[0])
+        sampler.start()
+        try:
+            time.sleep(0.5)
+            idle_samples, idle_busy = sampler.take()
+            working.set()
+            time.sleep(0.5)
+            work_samples, work_busy = sampler.take()
+        finally:
+            sampler.stop()
     finally:
-        probe.stop()
-    # Pure Python holds the GIL until the switch interval makes it let go.
-    assert len(idle) >= 20
-    assert len(busy) >= 5
-    assert late_share(busy) >= 0.5
-    assert late_share(busy) > late_share(idle) + 0.3
+        stop.set()
+        thread.join()
+    assert idle_samples >= 20
+    assert work_samples >= 20
+    assert idle_busy / idle_samples < 0.2
+    assert work_busy / work_samples > 0.8
+
+
+def test_loop_sampling_unavailable_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    import platform
+
+    from streaminfer.server import load
+
+    missing = 2**22 + 7  # over the kernel's largest thread id
+    reason = load.loop_sampling_unavailable(missing)
+    assert reason is not None and f"/proc/self/task/{missing}/syscall cannot be read" in reason
+    monkeypatch.setattr(platform, "machine", lambda: "riscv64")
+    reason = load.loop_sampling_unavailable(threading.get_native_id())
+    assert reason == "the epoll system call numbers of machine 'riscv64' are not known (known: x86_64, aarch64)"

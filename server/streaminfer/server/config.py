@@ -92,10 +92,10 @@ class AdmissionConfig:
     # lag, decode and model queues) is above this; 0 turns the check off.
     max_queue_wait_ms: float = 250.0
     # New streams get UNAVAILABLE when one more stream would raise the busy
-    # fraction over this: the share of moments the server's Python threads
-    # wait for the GIL or a CPU, projected from its cost per open stream.
-    # 0 turns the check off.
-    max_busy_fraction: float = 0.75
+    # fraction over this: the share of time the event loop is busy instead
+    # of waiting for network events, projected from its cost per open
+    # stream. Linux only; 0 turns the check off.
+    max_busy_fraction: float = 0.85
     # Sent in grpc-retry-pushback-ms with every rejection for load.
     retry_pushback_ms: int = 1000
     # Learn a stream cap from overloads: when the projected wait passes

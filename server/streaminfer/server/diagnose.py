@@ -830,8 +830,8 @@ def _findings(report: dict[str, Any]) -> list[dict[str, Any]]:
         findings.append(
             {
                 "impact": min(1.0, busy_fraction),
-                "text": f"busy fraction {busy_fraction:.2f}: the server's threads waited for the GIL or a CPU at "
-                f"{busy_fraction:.0%} of probe wakes in the last second (admission.max_busy_fraction "
+                "text": f"busy fraction {busy_fraction:.2f}: the event loop was busy {busy_fraction:.0%} of the last "
+                f"second, instead of waiting for network events (admission.max_busy_fraction "
                 f"{report['saturation']['max_busy_fraction']:g})",
             }
         )

@@ -9,10 +9,12 @@ server reads real-time audio streams behind the pace their clients send at.
 Admission control compares the projection with its budget.
 
 Queue waits show an overload only once it has begun. The busy fraction shows
-it coming: a probe thread wakes every few milliseconds, and a wake is late
-when the thread had to wait for the GIL or a CPU. The share of late wakes
-rises with the load, close to in proportion to the open streams, well before
-queues grow. Admission projects it for one more stream from the cost per
+it coming: the share of time the event loop thread spends on work instead of
+waiting for network events, which rises close to in proportion to the open
+streams up to saturation. A sampler thread reads the loop thread's current
+system call from /proc every few milliseconds; a sample is idle while the
+loop waits in epoll, and busy otherwise (running, waiting for a CPU or the
+GIL). Admission projects the fraction for one more stream from the cost per
 stream learned in steady seconds, so a fast ramp of new streams is stopped
 before they all start sending.
 
@@ -28,6 +30,8 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import os
+import platform
 import random
 import threading
 import time
@@ -56,16 +60,20 @@ PROBE_STEP = 0.05
 CHECK_INTERVAL_S = 0.25
 # Loop lag is the largest of the last this many ticks (about one second).
 LAG_WINDOW_TICKS = 50
-# The wake probe sleeps a random 0.5 to 1.5 times this between wakes.
-PROBE_MEAN_SLEEP_S = 0.005
-# A wake is late when it comes this much later than the earliest wake of the
-# last BASE_WINDOW_CHECKS checks (10 s), which is the timer's own delay.
-LATE_WAKE_S = 0.0002
-BASE_WINDOW_CHECKS = 40
+# The loop sampler sleeps a random 0.5 to 1.5 times this between samples.
+SAMPLE_MEAN_SLEEP_S = 0.005
+# System calls in which the event loop waits for network events, by
+# platform.machine(): epoll_wait, epoll_pwait and epoll_pwait2 on x86-64;
+# epoll_pwait and epoll_pwait2 on 64-bit Arm, which has no epoll_wait.
+LOOP_WAIT_SYSCALLS = {
+    "x86_64": frozenset({232, 281, 441}),
+    "aarch64": frozenset({22, 441}),
+    "arm64": frozenset({22, 441}),
+}
 # The busy fraction covers the last this many checks (one second), and needs
-# this many wakes to be measured at all.
+# this many samples to be measured at all.
 BUSY_WINDOW_CHECKS = 4
-BUSY_MIN_WAKES = 20
+BUSY_MIN_SAMPLES = 20
 # The cost of one stream is learned once this many streams were open on
 # average over the measured second. With fewer, it is lost in sampling noise.
 PROJECT_MIN_STREAMS = 8
@@ -84,22 +92,39 @@ COST_WEIGHT = 0.25
 COLD_START_STREAMS = 64
 
 
-class WakeProbe:
-    """A thread that sleeps for short random spells and records how late it wakes.
+def loop_sampling_unavailable(thread_id: int) -> str | None:
+    """Return why the system call of thread ``thread_id`` of this process cannot be sampled, or None when it can."""
+    machine = platform.machine()
+    if machine not in LOOP_WAIT_SYSCALLS:
+        return f"the epoll system call numbers of machine {machine!r} are not known (known: x86_64, aarch64)"
+    path = f"/proc/self/task/{thread_id}/syscall"
+    try:
+        with open(path, "rb") as file:
+            file.read(64)
+    except OSError as error:
+        return f"{path} cannot be read ({error.strerror or error})"
+    return None
 
-    A Python thread that wakes must take the GIL, and a CPU, before it runs.
-    While both are free, it wakes within the timer's own delay of tens of
-    microseconds. While another thread holds the GIL, it waits up to the
-    switch interval. Random spells keep the wakes from locking onto a
-    periodic task.
+
+class LoopSampler:
+    """A thread that looks every few milliseconds whether the event loop thread is waiting for network events.
+
+    It reads the loop thread's /proc/self/task/TID/syscall: the number of the
+    system call the thread is blocked in, or "running" while it runs or waits
+    for a CPU. Waiting in epoll is idle; anything else is busy, including a
+    wait for the GIL (a futex). Random spells keep the samples from locking
+    onto a periodic task. Check ``loop_sampling_unavailable`` first.
     """
 
-    def __init__(self, mean_sleep_s: float = PROBE_MEAN_SLEEP_S) -> None:
+    def __init__(self, loop_thread_id: int, mean_sleep_s: float = SAMPLE_MEAN_SLEEP_S) -> None:
+        self._path = f"/proc/self/task/{loop_thread_id}/syscall"
+        self._wait_calls = {str(number).encode() for number in LOOP_WAIT_SYSCALLS[platform.machine()]}
         self._mean_sleep_s = mean_sleep_s
         self._lock = threading.Lock()
-        self._lateness: list[float] = []
+        self._samples = 0
+        self._busy = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="wake-probe", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="loop-sampler", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -108,22 +133,32 @@ class WakeProbe:
         self._stop.set()
         self._thread.join(timeout=1.0)
 
-    def take(self) -> list[float]:
-        """Return how late, in seconds, each wake since the last call came."""
+    def take(self) -> tuple[int, int]:
+        """Return the samples since the last call and how many of them found the loop busy."""
         with self._lock:
-            lateness, self._lateness = self._lateness, []
-        return lateness
+            counts = self._samples, self._busy
+            self._samples = self._busy = 0
+        return counts
 
     def _run(self) -> None:
-        clock = time.perf_counter
         spells = random.Random()
-        while not self._stop.is_set():
-            sleep_s = self._mean_sleep_s * (0.5 + spells.random())
-            planned = clock() + sleep_s
-            time.sleep(sleep_s)
-            lateness = clock() - planned
-            with self._lock:
-                self._lateness.append(lateness)
+        try:
+            descriptor = os.open(self._path, os.O_RDONLY)
+        except OSError as error:
+            logger.error("the busy fraction is not measured: %s cannot be opened (%s)", self._path, error)
+            return
+        try:
+            while not self._stop.wait(self._mean_sleep_s * (0.5 + spells.random())):
+                try:
+                    call = os.pread(descriptor, 64, 0).split(b" ", 1)[0]
+                except OSError:
+                    # The loop thread has ended.
+                    return
+                with self._lock:
+                    self._samples += 1
+                    self._busy += call not in self._wait_calls
+        finally:
+            os.close(descriptor)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -151,20 +186,15 @@ class BusyMeter:
 
     def __init__(self, limit: float) -> None:
         self._limit = limit
-        # Per check: wakes, late wakes, the open streams weighted by the share of the check they were open,
+        # Per check: samples, busy samples, the open streams weighted by the share of the check they were open,
         # and the streams admitted, rejected or ended during it.
         self._checks: collections.deque[tuple[int, int, float, int]] = collections.deque(maxlen=BUSY_WINDOW_CHECKS)
-        self._earliest_wakes: collections.deque[float] = collections.deque(maxlen=BASE_WINDOW_CHECKS)
         self.idle_fraction = 0.0
         self.steady_cost: float | None = None
 
-    def add_check(self, lateness: list[float], streams: float, changed_streams: int) -> None:
-        """Count one check's late wakes, with the streams open during it and those admitted, rejected or ended."""
-        if lateness:
-            self._earliest_wakes.append(min(lateness))
-        late_after = min(self._earliest_wakes, default=0.0) + LATE_WAKE_S
-        late = sum(1 for value in lateness if value > late_after)
-        self._checks.append((len(lateness), late, streams, changed_streams))
+    def add_check(self, samples: int, busy: int, streams: float, changed_streams: int) -> None:
+        """Count one check's samples and busy samples, with the streams open during it and those admitted, rejected or ended."""
+        self._checks.append((samples, busy, streams, changed_streams))
         changes = sum(check[3] for check in self._checks)
         measured, streams_open = self.fraction(), self.streams()
         if measured is None or len(self._checks) < BUSY_WINDOW_CHECKS:
@@ -184,11 +214,11 @@ class BusyMeter:
         return max(0.0, measured - self.idle_fraction) / streams
 
     def fraction(self) -> float | None:
-        """Return the share of the last second's wakes that were late; None before enough wakes."""
-        wakes = sum(check[0] for check in self._checks)
-        if wakes < BUSY_MIN_WAKES:
+        """Return the share of the last second's samples that found the loop busy; None before enough samples."""
+        samples = sum(check[0] for check in self._checks)
+        if samples < BUSY_MIN_SAMPLES:
             return None
-        return sum(check[1] for check in self._checks) / wakes
+        return sum(check[1] for check in self._checks) / samples
 
     def streams(self) -> float:
         """Return the streams open over the last second, on average."""
@@ -200,7 +230,7 @@ class BusyMeter:
         Streams admitted in the last second count at the cost per stream
         though their load has not shown yet, which is what stops a burst of
         new streams: queue waits would let them all in. The projection is
-        never under the measured fraction, which reads 0 before enough wakes.
+        never under the measured fraction, which reads 0 before enough samples.
         """
         measured = self.fraction() or 0.0
         streams = self.streams()
@@ -235,8 +265,8 @@ class LoadMonitor:
         self._calm_checks = 0
         self._calm_since = 0.0
         self.streams_ended = collections.Counter[str]()
-        # The probe runs while admission uses the busy fraction (admission.max_busy_fraction).
-        self._probe = WakeProbe() if executor.config.admission.max_busy_fraction > 0 else None
+        # The sampler runs while admission uses the busy fraction (admission.max_busy_fraction) and /proc allows it.
+        self._sampler: LoopSampler | None = None
         self.busy = BusyMeter(executor.config.admission.max_busy_fraction)
         self._busy_checked_at = time.monotonic()
         self._open_before = 0
@@ -246,15 +276,28 @@ class LoadMonitor:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="load-monitor")
-        if self._probe is not None:
-            self._probe.start()
+        if self._executor.config.admission.max_busy_fraction <= 0:
+            return
+        # Called on the event loop, so this is the loop thread's id.
+        loop_thread = threading.get_native_id()
+        reason = loop_sampling_unavailable(loop_thread)
+        if reason is not None:
+            logger.warning(
+                "admission.max_busy_fraction is %g, but the event loop's busy fraction cannot be measured here: %s. "
+                "The busy-fraction check is off; admission.max_streams and admission.max_queue_wait_ms still apply",
+                self._executor.config.admission.max_busy_fraction,
+                reason,
+            )
+            return
+        self._sampler = LoopSampler(loop_thread)
+        self._sampler.start()
 
     async def aclose(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._probe is not None:
-            await asyncio.to_thread(self._probe.stop)
+        if self._sampler is not None:
+            await asyncio.to_thread(self._sampler.stop)
 
     def loop_lag_s(self) -> float:
         return max(self._lags, default=0.0)
@@ -288,15 +331,17 @@ class LoadMonitor:
         return max(measures, key=lambda measure: measure[0])
 
     def busy_fraction(self) -> float | None:
-        """Return the share of the last second's probe wakes that were late; None before enough wakes."""
+        """Return the share of the last second the event loop was busy; None before enough samples or while not sampled."""
         return self.busy.fraction()
 
-    def busy_projection(self) -> BusyProjection:
-        """Project the busy fraction with one more stream."""
+    def busy_projection(self) -> BusyProjection | None:
+        """Project the busy fraction with one more stream; None while the busy fraction is not measured."""
+        if self._sampler is None:
+            return None
         return self.busy.project(len(self._service.active_sessions))
 
     def _measure_busy(self) -> None:
-        """Count the probe's late wakes since the last check, and the streams open, admitted, rejected and ended meanwhile."""
+        """Count the loop samples since the last check, and the streams open, admitted, rejected and ended meanwhile."""
         now = time.monotonic()
         since = self._busy_checked_at
         self._busy_checked_at = now
@@ -308,7 +353,8 @@ class LoadMonitor:
         open_now = len(self._service.active_sessions)
         ended = self._open_before + admitted - open_now
         rejected = sum(self._service.rejected.values())
-        self.busy.add_check(self._probe.take(), streams, admitted + rejected - self._rejected_before + ended)
+        samples, busy = self._sampler.take()
+        self.busy.add_check(samples, busy, streams, admitted + rejected - self._rejected_before + ended)
         self._open_before = open_now
         self._rejected_before = rejected
 
@@ -339,7 +385,7 @@ class LoadMonitor:
             if now >= next_check:
                 next_check = now + CHECK_INTERVAL_S
                 try:
-                    if self._probe is not None:
+                    if self._sampler is not None:
                         self._measure_busy()
                     self._measure_audio_backlog()
                     self._learn_max_streams(now)

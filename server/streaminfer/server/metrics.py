@@ -311,9 +311,9 @@ PROJECTED_WAIT = Gauge(
 )
 BUSY_FRACTION = Gauge(
     "streaminfer_busy_fraction",
-    "Share of the last second's wakes of a probe thread that came late because the server's threads held the GIL "
-    "or every CPU; admission projects it for each new stream against admission.max_busy_fraction. The probe runs "
-    "only while that check is on, so this reads 0 while it is off.",
+    "Share of the last second the event loop was busy (running, or waiting for a CPU or the GIL) instead of waiting "
+    "for network events; admission projects it for each new stream against admission.max_busy_fraction. It is "
+    "sampled only while that check is on and Linux /proc allows it, and reads 0 otherwise.",
     multiprocess_mode="livemax",
 )
 MAX_BUSY_FRACTION = Gauge(

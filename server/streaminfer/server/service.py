@@ -180,7 +180,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             if busy.projected > admission.max_busy_fraction:
                 raise Rejection(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"the server is near its limit: its threads waited for the GIL or a CPU {busy.measured:.0%} of the "
+                    f"the server is near its limit: its event loop was busy {busy.measured:.0%} of the "
                     f"last second, and with {open_streams} streams open one more projects {busy.projected:.0%}, "
                     f"over its admission.max_busy_fraction of {admission.max_busy_fraction:g}; retry after "
                     f"{pushback} ms or on another replica",
