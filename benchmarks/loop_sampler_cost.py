@@ -1,7 +1,8 @@
 """Benchmark: what the loop sampler behind admission.max_busy_fraction costs a busy Python thread.
 
-The server's sampler thread wakes about 200 times a second, reads the event
-loop thread's system call from /proc and takes the GIL to count it. This runs
+The server's sampler thread wakes up to 200 times a second (fewer while it
+waits for the GIL), reads the event loop thread's system call from /proc and
+takes the GIL to count it. This runs
 a pure-Python loop for ``--seconds`` with the sampler off, then on and
 sampling that same thread, for ``--rounds`` alternating rounds, under the
 server's switch interval, and prints the loop iterations of each run and the
@@ -13,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import os
 import sys
-import threading
 import time
 
 from streaminfer.server.cli import DEFAULT_SWITCH_INTERVAL_S
-from streaminfer.server.load import LoopSampler, loop_sampling_unavailable
+from streaminfer.server.load import LoopSampler, LoopSamplingUnavailable, open_thread_syscall
 
 
 def loop_iterations(seconds: float) -> int:
@@ -39,16 +40,16 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per run (default: 3)")
     args = parser.parse_args()
     sys.setswitchinterval(DEFAULT_SWITCH_INTERVAL_S)
-    this_thread = threading.get_native_id()
-    reason = loop_sampling_unavailable(this_thread)
-    if reason is not None:
-        print(f"cannot sample this thread: {reason}", file=sys.stderr)
+    try:
+        os.close(open_thread_syscall())
+    except LoopSamplingUnavailable as error:
+        print(f"cannot sample this thread: {error}", file=sys.stderr)
         return 1
 
     ratios = []
     for round_number in range(1, args.rounds + 1):
         without = loop_iterations(args.seconds)
-        sampler = LoopSampler(this_thread)
+        sampler = LoopSampler(open_thread_syscall())
         sampler.start()
         with_sampler = loop_iterations(args.seconds)
         samples, busy = sampler.take()

@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 import types
+from collections.abc import Callable
 
 import pytest
 
@@ -14,6 +15,7 @@ from test_batcher import Owner, RecordingModel
 from streaminfer.server.batcher import ModelRunner, WorkItem
 from streaminfer.server.config import BatchingConfig, LimitsConfig, ModelConfig, ServerConfig
 from streaminfer.server.decode import DecodeStage
+from streaminfer.server import load as load_module
 from streaminfer.server.load import LoadMonitor
 from streaminfer.server.models.base import ModelInput, StreamOptions
 
@@ -222,37 +224,38 @@ def test_busy_cost_before_steady_second() -> None:
     assert busy_start.project(60).cold_start_limit is None  # 50 streams and an idle loop: a cost of 0 is known
 
 
-def test_loop_sampler_tells_an_epoll_wait_from_work() -> None:
-    import hashlib
+SAMPLING_UNAVAILABLE = load_module.loop_sampling_unavailable()
+needs_sampling = pytest.mark.skipif(SAMPLING_UNAVAILABLE is not None, reason=str(SAMPLING_UNAVAILABLE))
+
+
+def sample_thread(work: Callable[[], object]) -> tuple[float, float]:
+    """Return the busy share the sampler reads of a thread blocked in epoll, then of the same thread running ``work``."""
     import selectors
     import socket
 
-    from streaminfer.server.load import LoopSampler, loop_sampling_unavailable
+    from streaminfer.server.load import LoopSampler, open_thread_syscall
 
     working = threading.Event()
     stop = threading.Event()
-    thread_ids: list[int] = []
+    descriptors: list[int] = []
 
     def loop() -> None:
-        thread_ids.append(threading.get_native_id())
+        descriptors.append(open_thread_syscall())
         reader, writer = socket.socketpair()
         with reader, writer, selectors.EpollSelector() as selector:
             selector.register(reader, selectors.EVENT_READ)
-            block = bytes(1 << 20)
             while not stop.is_set():
                 if working.is_set():
-                    # hashlib releases the GIL for large inputs, so the sampler runs meanwhile.
-                    hashlib.sha256(block).digest()
+                    work()
                 else:
                     selector.select(0.05)
 
     thread = threading.Thread(target=loop)
     thread.start()
     try:
-        while not thread_ids:
+        while not descriptors:
             time.sleep(0.01)
-        assert loop_sampling_unavailable(thread_ids[0]) is None
-        sampler = LoopSampler(thread_ids[0])
+        sampler = LoopSampler(descriptors[0])
         sampler.start()
         try:
             time.sleep(0.5)
@@ -267,8 +270,50 @@ def test_loop_sampler_tells_an_epoll_wait_from_work() -> None:
         thread.join()
     assert idle_samples >= 20
     assert work_samples >= 20
-    assert idle_busy / idle_samples < 0.2
-    assert work_busy / work_samples > 0.8
+    return idle_busy / idle_samples, work_busy / work_samples
+
+
+@needs_sampling
+def test_loop_sampler_epoll_idle_work_busy() -> None:
+    import hashlib
+
+    block = bytes(1 << 20)
+    # hashlib releases the GIL for large inputs, so the sampler runs meanwhile.
+    idle, busy = sample_thread(lambda: hashlib.sha256(block).digest())
+    assert idle < 0.2
+    assert busy > 0.8
+
+
+@needs_sampling
+def test_loop_sampler_reads_python_work_as_busy() -> None:
+    def spin() -> None:
+        # Pure Python for 20 ms at a time: the sampler gets the GIL only at the switch interval, and then the loop
+        # thread waits for it, which counts as busy.
+        end = time.perf_counter() + 0.02
+        while time.perf_counter() < end:
+            pass
+
+    idle, busy = sample_thread(spin)
+    assert idle < 0.2
+    assert busy > 0.8
+
+
+@needs_sampling
+def test_loop_sampler_stops_when_the_thread_ends() -> None:
+    from streaminfer.server.load import LoopSampler, open_thread_syscall
+
+    descriptors: list[int] = []
+    thread = threading.Thread(target=lambda: descriptors.append(open_thread_syscall()))
+    thread.start()
+    thread.join()
+    sampler = LoopSampler(descriptors[0])
+    sampler.start()
+    deadline = time.monotonic() + 5.0
+    while sampler.failure is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sampler.stop()
+    assert sampler.failure is not None
+    assert sampler.failure.startswith("reading the event loop's /proc system call file failed")
 
 
 def test_loop_sampling_unavailable_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -276,9 +321,46 @@ def test_loop_sampling_unavailable_says_why(monkeypatch: pytest.MonkeyPatch) -> 
 
     from streaminfer.server import load
 
-    missing = 2**22 + 7  # over the kernel's largest thread id
-    reason = load.loop_sampling_unavailable(missing)
-    assert reason is not None and f"/proc/self/task/{missing}/syscall cannot be read" in reason
     monkeypatch.setattr(platform, "machine", lambda: "riscv64")
-    reason = load.loop_sampling_unavailable(threading.get_native_id())
-    assert reason == "the epoll system call numbers of machine 'riscv64' are not known (known: x86_64, aarch64)"
+    with pytest.raises(load.LoopSamplingUnavailable) as unknown:
+        load.open_thread_syscall()
+    assert str(unknown.value) == "the epoll system call numbers of machine 'riscv64' are not known (known: x86_64, aarch64)"
+    monkeypatch.setattr(load.sys, "platform", "darwin")
+    with pytest.raises(load.LoopSamplingUnavailable) as other_system:
+        load.open_thread_syscall()
+    assert str(other_system.value) == "the event loop is sampled from Linux /proc, and this is darwin"
+
+
+@needs_sampling
+def test_loop_sampling_checks_the_epoll_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from streaminfer.server import load
+
+    # The numbers of another architecture: an epoll wait here reads as none of them.
+    machine = load.platform.machine()
+    monkeypatch.setitem(load.LOOP_WAIT_SYSCALLS, machine, frozenset({9999}))
+    with pytest.raises(load.LoopSamplingUnavailable) as wrong:
+        load.open_thread_syscall()
+    assert "a thread blocked in epoll reads as system call" in str(wrong.value)
+    assert "not one of [9999]" in str(wrong.value)
+
+
+@needs_sampling
+def test_busy_check_off_when_sampler_fails() -> None:
+    from streaminfer.server.config import AdmissionConfig
+
+    async def scenario() -> None:
+        config = ServerConfig(models=(), admission=AdmissionConfig(max_busy_fraction=0.85))
+        executor = types.SimpleNamespace(config=config, runners={}, decode=DecodeStage(1))
+        monitor = LoadMonitor(executor, types.SimpleNamespace(active_sessions={}, rejected={}))  # type: ignore[arg-type]
+        monitor.start()
+        try:
+            assert monitor.busy_limit == 0.85
+            assert monitor.busy_projection() is not None
+            monitor._sampler.failure = "reading failed"  # type: ignore[union-attr]
+            monitor._measure_busy()
+            assert monitor.busy_limit == 0.0
+            assert monitor.busy_projection() is None
+        finally:
+            await monitor.aclose()
+
+    asyncio.run(scenario())

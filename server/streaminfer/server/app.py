@@ -123,8 +123,9 @@ class StreaminferServer:
         except BaseException:
             self._stop_metrics()
             raise
-        self.monitor.sampler = metrics.Sampler(self.executor, self.service, self.monitor)
+        # The monitor starts first: it decides whether the busy fraction is measured, which the metrics show.
         self.monitor.start()
+        self.monitor.sampler = metrics.Sampler(self.executor, self.service, self.monitor)
         _tune_garbage_collector()
         pb_grpc.add_InferenceServiceServicer_to_server(self.service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -145,7 +146,7 @@ class StreaminferServer:
             "required" if self.api_keys else "off",
             admission.max_streams,
             admission.max_queue_wait_ms,
-            admission.max_busy_fraction,
+            self.monitor.busy_limit,
             f"on http://{self.config.metrics_host or self.config.host}:{self.metrics_port}/metrics"
             if self.metrics_port is not None
             else "off",

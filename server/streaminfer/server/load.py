@@ -33,6 +33,9 @@ import logging
 import os
 import platform
 import random
+import select
+import socket
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -68,12 +71,13 @@ SAMPLE_MEAN_SLEEP_S = 0.005
 LOOP_WAIT_SYSCALLS = {
     "x86_64": frozenset({232, 281, 441}),
     "aarch64": frozenset({22, 441}),
-    "arm64": frozenset({22, 441}),
 }
 # The busy fraction covers the last this many checks (one second), and needs
 # this many samples to be measured at all.
 BUSY_WINDOW_CHECKS = 4
 BUSY_MIN_SAMPLES = 20
+# Maximum seconds the start-up check of the epoll call numbers may take.
+CALIBRATION_TIMEOUT_S = 1.0
 # The cost of one stream is learned once this many streams were open on
 # average over the measured second. With fewer, it is lost in sampling noise.
 PROJECT_MIN_STREAMS = 8
@@ -92,37 +96,133 @@ COST_WEIGHT = 0.25
 COLD_START_STREAMS = 64
 
 
-def loop_sampling_unavailable(thread_id: int) -> str | None:
-    """Return why the system call of thread ``thread_id`` of this process cannot be sampled, or None when it can."""
+class LoopSamplingUnavailable(Exception):
+    """Raised when the event loop thread's system call cannot be read here; the message gives the reason."""
+
+
+def open_thread_syscall() -> int:
+    """Open the calling thread's /proc system call file and return its descriptor.
+
+    Call it on the event loop thread. It first checks, with a thread made to
+    block in epoll, that this machine's epoll waits read as the numbers in
+    ``LOOP_WAIT_SYSCALLS``: a 32-bit or emulated process on another
+    architecture's kernel would read every sample as busy. Raises
+    LoopSamplingUnavailable with the reason.
+    """
+    if not sys.platform.startswith("linux"):
+        raise LoopSamplingUnavailable(f"the event loop is sampled from Linux /proc, and this is {sys.platform}")
     machine = platform.machine()
-    if machine not in LOOP_WAIT_SYSCALLS:
-        return f"the epoll system call numbers of machine {machine!r} are not known (known: x86_64, aarch64)"
-    path = f"/proc/self/task/{thread_id}/syscall"
+    wait_calls = LOOP_WAIT_SYSCALLS.get(machine)
+    if wait_calls is None:
+        raise LoopSamplingUnavailable(f"the epoll system call numbers of machine {machine!r} are not known (known: x86_64, aarch64)")
+    expected = {str(number).encode() for number in wait_calls}
+    seen = _blocked_in_epoll_reads(expected)
+    if seen not in expected:
+        raise LoopSamplingUnavailable(
+            f"a thread blocked in epoll reads as system call {seen.decode(errors='replace')!r} in /proc, not one of "
+            f"{sorted(wait_calls)} (the numbers for {machine}); the process may run on another architecture's kernel"
+        )
+    return _open_syscall_file()
+
+
+def loop_sampling_unavailable() -> str | None:
+    """Return why the calling thread's system call cannot be sampled here, or None when it can."""
     try:
-        with open(path, "rb") as file:
-            file.read(64)
-    except OSError as error:
-        return f"{path} cannot be read ({error.strerror or error})"
+        os.close(open_thread_syscall())
+    except LoopSamplingUnavailable as error:
+        return str(error)
     return None
+
+
+def _open_syscall_file() -> int:
+    """Open /proc/thread-self/syscall (Linux 3.17 and later) for the calling thread, read it once, and return it."""
+    path = "/proc/thread-self/syscall"
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError as error:
+        raise LoopSamplingUnavailable(f"{path} cannot be opened ({error.strerror or error})") from error
+    try:
+        os.pread(descriptor, 64, 0)
+    except OSError as error:
+        os.close(descriptor)
+        raise LoopSamplingUnavailable(f"{path} cannot be read ({error.strerror or error})") from error
+    return descriptor
+
+
+def _blocked_in_epoll_reads(expected: set[bytes]) -> bytes:
+    """Return the first field of the /proc system call file of a thread blocked in epoll.
+
+    It is read until it is one of ``expected`` or half of CALIBRATION_TIMEOUT_S has passed.
+    """
+    opened: list[int] = []
+    failures: list[LoopSamplingUnavailable] = []
+    ready = threading.Event()
+    reader, writer = socket.socketpair()
+
+    def wait() -> None:
+        try:
+            opened.append(_open_syscall_file())
+        except LoopSamplingUnavailable as error:
+            failures.append(error)
+            ready.set()
+            return
+        with select.epoll() as poller:
+            poller.register(reader.fileno(), select.EPOLLIN)
+            ready.set()
+            poller.poll(CALIBRATION_TIMEOUT_S)
+
+    thread = threading.Thread(target=wait, name="epoll-calibration", daemon=True)
+    with reader, writer:
+        thread.start()
+        ready.wait(CALIBRATION_TIMEOUT_S)
+        if failures:
+            thread.join()
+            raise failures[0]
+        if not opened:
+            raise LoopSamplingUnavailable(f"the epoll check thread did not start within {CALIBRATION_TIMEOUT_S:g} s")
+        seen = b""
+        try:
+            # Until the thread is in epoll it reads as running or as another call; wait for it, within the time.
+            deadline = time.monotonic() + CALIBRATION_TIMEOUT_S / 2
+            while True:
+                seen = os.pread(opened[0], 64, 0).split(b" ", 1)[0].strip()
+                if seen in expected or time.monotonic() > deadline:
+                    break
+                time.sleep(0.005)
+        finally:
+            writer.send(b"x")
+            thread.join()
+            os.close(opened[0])
+    return seen
 
 
 class LoopSampler:
     """A thread that looks every few milliseconds whether the event loop thread is waiting for network events.
 
-    It reads the loop thread's /proc/self/task/TID/syscall: the number of the
-    system call the thread is blocked in, or "running" while it runs or waits
-    for a CPU. Waiting in epoll is idle; anything else is busy, including a
-    wait for the GIL (a futex). Random spells keep the samples from locking
-    onto a periodic task. Check ``loop_sampling_unavailable`` first.
+    It reads the loop thread's /proc system call file (opened by
+    ``open_thread_syscall`` on that thread): the number of the system call
+    the thread is blocked in, or "running" while it runs or waits for a CPU.
+    Waiting in epoll is idle; anything else is busy, including a wait for the
+    GIL (a futex). Random spells keep the samples from locking onto a
+    periodic task.
+
+    The sampler needs the GIL to take a sample. While the loop runs Python
+    code, a sample waits until the loop lets go of the GIL: at the switch
+    interval, in a call that releases it, or on entering epoll, and in the
+    last case it reads idle. So busy spells shorter than the switch interval
+    read partly idle, and the fraction reads lower than the loop's true share
+    at light load. It still reaches 1 when the loop never waits.
     """
 
-    def __init__(self, loop_thread_id: int, mean_sleep_s: float = SAMPLE_MEAN_SLEEP_S) -> None:
-        self._path = f"/proc/self/task/{loop_thread_id}/syscall"
+    def __init__(self, descriptor: int, mean_sleep_s: float = SAMPLE_MEAN_SLEEP_S) -> None:
+        self._descriptor = descriptor
         self._wait_calls = {str(number).encode() for number in LOOP_WAIT_SYSCALLS[platform.machine()]}
         self._mean_sleep_s = mean_sleep_s
         self._lock = threading.Lock()
         self._samples = 0
         self._busy = 0
+        # Why the sampler stopped on its own; None while it runs.
+        self.failure: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="loop-sampler", daemon=True)
 
@@ -143,22 +243,18 @@ class LoopSampler:
     def _run(self) -> None:
         spells = random.Random()
         try:
-            descriptor = os.open(self._path, os.O_RDONLY)
-        except OSError as error:
-            logger.error("the busy fraction is not measured: %s cannot be opened (%s)", self._path, error)
-            return
-        try:
             while not self._stop.wait(self._mean_sleep_s * (0.5 + spells.random())):
                 try:
-                    call = os.pread(descriptor, 64, 0).split(b" ", 1)[0]
-                except OSError:
-                    # The loop thread has ended.
+                    call = os.pread(self._descriptor, 64, 0).split(b" ", 1)[0]
+                except OSError as error:
+                    # The loop thread has ended, or /proc went away.
+                    self.failure = f"reading the event loop's /proc system call file failed ({error.strerror or error})"
                     return
                 with self._lock:
                     self._samples += 1
                     self._busy += call not in self._wait_calls
         finally:
-            os.close(descriptor)
+            os.close(self._descriptor)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -278,19 +374,24 @@ class LoadMonitor:
         self._task = asyncio.create_task(self._run(), name="load-monitor")
         if self._executor.config.admission.max_busy_fraction <= 0:
             return
-        # Called on the event loop, so this is the loop thread's id.
-        loop_thread = threading.get_native_id()
-        reason = loop_sampling_unavailable(loop_thread)
-        if reason is not None:
+        try:
+            # Called on the event loop, so this opens the loop thread's file.
+            descriptor = open_thread_syscall()
+        except LoopSamplingUnavailable as error:
             logger.warning(
                 "admission.max_busy_fraction is %g, but the event loop's busy fraction cannot be measured here: %s. "
                 "The busy-fraction check is off; admission.max_streams and admission.max_queue_wait_ms still apply",
                 self._executor.config.admission.max_busy_fraction,
-                reason,
+                error,
             )
             return
-        self._sampler = LoopSampler(loop_thread)
+        self._sampler = LoopSampler(descriptor)
         self._sampler.start()
+
+    @property
+    def busy_limit(self) -> float:
+        """Return admission.max_busy_fraction while the busy fraction is measured, and 0 while the check is off."""
+        return self._executor.config.admission.max_busy_fraction if self._sampler is not None else 0.0
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -355,6 +456,12 @@ class LoadMonitor:
         rejected = sum(self._service.rejected.values())
         samples, busy = self._sampler.take()
         self.busy.add_check(samples, busy, streams, admitted + rejected - self._rejected_before + ended)
+        if self._sampler.failure is not None:
+            logger.error("%s; the busy-fraction check is off from now on", self._sampler.failure)
+            # The thread has returned already, so this does not wait.
+            self._sampler.stop()
+            self._sampler = None
+            metrics.MAX_BUSY_FRACTION.set(0.0)
         self._open_before = open_now
         self._rejected_before = rejected
 

@@ -317,7 +317,8 @@ BUSY_FRACTION = Gauge(
     multiprocess_mode="livemax",
 )
 MAX_BUSY_FRACTION = Gauge(
-    "streaminfer_max_busy_fraction", "admission.max_busy_fraction of the process; 0 while the check is off.",
+    "streaminfer_max_busy_fraction",
+    "admission.max_busy_fraction of the process; 0 while the check is off, set so or because /proc cannot be read.",
     multiprocess_mode="livemax",
 )
 AUDIO_BACKLOG = Gauge(
@@ -452,7 +453,7 @@ class Sampler:
         self._sampled_at = -float("inf")
         CPU_CORES.set(os.cpu_count() or 1)
         MAX_STREAMS.set(executor.config.admission.max_streams)
-        MAX_BUSY_FRACTION.set(executor.config.admission.max_busy_fraction)
+        MAX_BUSY_FRACTION.set(monitor.busy_limit)
         DECODE_THREADS.set(executor.decode.lanes)
         for name, runner in executor.runners.items():
             INSTANCES.labels(name).set(runner.config.instances)
