@@ -186,18 +186,36 @@ def test_busy_burst_of_new_streams_keeps_steady_cost() -> None:
     assert projection is not None and abs(projection.projected - 0.724) < 1e-9
 
 
-def test_busy_cost_not_learned_past_limit() -> None:
+def test_busy_cost_not_learned_when_saturated() -> None:
     from streaminfer.server.load import BusyMeter
 
     meter = BusyMeter(0.8)
     for _ in range(4):
         meter.add_check(*samples(20), streams=100.0, changed_streams=0)
-    # 150 streams more, then saturated: 44 of 50 samples busy with 250 streams
-    # would price a stream at 0.0035, under the 0.004 learned.
-    meter.add_check(*samples(44), streams=250.0, changed_streams=150)
+    # 150 streams more, then saturated: 49 of 50 samples busy with 250 streams
+    # would price a stream at 0.00392, under the 0.004 learned.
+    meter.add_check(*samples(49), streams=250.0, changed_streams=150)
     for _ in range(8):
-        meter.add_check(*samples(44), streams=250.0, changed_streams=0)
-    assert meter.steady_cost is not None and abs(meter.steady_cost - 0.004) < 1e-12
+        meter.add_check(*samples(49), streams=250.0, changed_streams=0)
+    assert meter.steady_cost is not None
+    assert abs(meter.steady_cost - 0.004) < 1e-12
+
+
+def test_busy_cost_learned_over_limit() -> None:
+    from streaminfer.server.load import BusyMeter
+
+    meter = BusyMeter(0.8)
+    for _ in range(8):
+        meter.add_check(*samples(20), streams=100.0, changed_streams=0)
+    assert meter.steady_cost is not None
+    assert abs(meter.steady_cost - 0.004) < 1e-12
+    # A burst let in 200 streams and the loop is busy 0.9 of the time, over the
+    # limit but short of saturation: the price rises toward 0.0045.
+    for _ in range(40):
+        meter.add_check(*samples(45), streams=200.0, changed_streams=0)
+    assert abs(meter.steady_cost - 0.0045) < 1e-6
+    # Meanwhile the measured fraction itself keeps new streams out.
+    assert meter.project(170).projected == 0.9
 
 
 def test_busy_cost_before_steady_second() -> None:

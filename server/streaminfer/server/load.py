@@ -86,6 +86,10 @@ PROJECT_MIN_STREAMS = 8
 # more than carrying them, and an ended stream's load stays in the measure
 # for up to a second, so both make each stream look dearer than it is.
 STEADY_NEW_SHARE = 0.05
+# The cost per stream is learned from seconds with the busy fraction at most
+# this (or the limit, if higher). Above it the event loop is close to never
+# waiting, so the fraction no longer grows with the streams.
+COST_CEILING = 0.95
 # Weights per check of the exponential averages: the idle server's busy
 # fraction (while no stream is open) and the steady cost per stream.
 IDLE_WEIGHT = 0.1
@@ -274,10 +278,13 @@ class BusyMeter:
 
     The cost of a stream is the busy fraction above the idle server's, over
     the streams open while it was measured. It is learned from steady
-    seconds with the fraction at most ``limit``. Until there has been one,
-    the cost over the last second is used. Past the limit the fraction
-    flattens as the server saturates, so more streams would look cheaper
-    each and let still more in.
+    seconds with the fraction at most ``COST_CEILING`` (or ``limit`` if that
+    is higher). Until there has been one, the cost over the last second is
+    used. Near 1 the fraction flattens as the loop saturates, so more
+    streams would look cheaper each and let still more in. Between the limit
+    and the ceiling it still prices streams fairly: a burst let in more than
+    the limit allows, and the price it shows lowers the count the next burst
+    gets.
     """
 
     def __init__(self, limit: float) -> None:
@@ -300,7 +307,7 @@ class BusyMeter:
         elif (
             streams_open >= PROJECT_MIN_STREAMS
             and changes <= STEADY_NEW_SHARE * streams_open
-            and measured <= self._limit
+            and measured <= max(self._limit, COST_CEILING)
         ):
             cost = self._cost_per_stream(measured, streams_open)
             self.steady_cost = cost if self.steady_cost is None else self.steady_cost + COST_WEIGHT * (cost - self.steady_cost)
