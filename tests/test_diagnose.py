@@ -210,6 +210,17 @@ def test_synthetic_decode_on_every_core_asks_for_workers() -> None:
     assert "add workers" in report["verdict"]["change"]
 
 
+def test_synthetic_busy_loop_verdict() -> None:
+    # Chunks wait between stages while the loop's busy fraction is at its admission limit.
+    report = report_on(Scenario(between=0.08, busy_fraction=0.9, max_busy_fraction=0.85))
+    assert report["verdict"]["kind"] == "event_loop"
+    assert "the event loop is near its limit: busy 90% of the last second" in report["verdict"]["line"]
+    assert "add workers" in report["verdict"]["change"]
+    # The same wait with the loop under its limit is not put on the loop's busy fraction.
+    report = report_on(Scenario(between=0.08, busy_fraction=0.5, max_busy_fraction=0.85))
+    assert "near its limit" not in report["verdict"]["line"]
+
+
 def test_synthetic_costly_frames_frame_rate() -> None:
     report = report_on(Scenario(modality="video", decode_wait=0.001, decode=0.09, decode_busy_s=4.0))
     assert report["verdict"]["kind"] == "frame_rate"
@@ -281,9 +292,9 @@ def test_synthetic_rejections_and_drops_are_counted_and_ranked() -> None:
     assert report["rejections"][0]["share"] == pytest.approx(0.75)
     impacts = [finding["impact"] for finding in report["findings"]]
     assert impacts == sorted(impacts, reverse=True)
-    assert "30 streams rejected (max_streams), 75% of streams opened" in report["findings"][0]["text"]
+    assert "30 streams rejected (max_streams), 75% of new streams" in report["findings"][0]["text"]
     text = diagnose.render(report)
-    assert "max_streams: 30 (75% of streams opened)" in text
+    assert "max_streams: 30 (75% of new streams, admitted or rejected)" in text
     assert "audio deadline: 50 (5% of chunks read)" in text
 
 
@@ -292,14 +303,15 @@ def test_synthetic_busy_fraction_is_a_finding() -> None:
     assert report["saturation"]["busy_fraction"] == pytest.approx(0.81)
     texts = [finding["text"] for finding in report["findings"]]
     assert any(
-        "busy fraction 0.81: the event loop was busy 81% of the last second, instead of waiting for network "
-        "events (admission.max_busy_fraction 0.75)" in text
+        "event loop busy fraction 81% busy (the loop busy instead of waiting for the network; "
+        "admission.max_busy_fraction 0.75)" in text
         for text in texts
     )
     assert any("40 streams rejected (busy)" in text for text in texts)
-    # Without the check the gauge reads 0 and there is no finding.
-    quiet = report_on(Scenario())
+    # Without the check both gauges read 0 and there is no finding.
+    quiet = report_on(Scenario(max_busy_fraction=0.0))
     assert not any("busy fraction" in finding["text"] for finding in quiet["findings"])
+    assert "event loop busy fraction        -  not measured: admission.max_busy_fraction is 0" in diagnose.render(quiet)
 
 
 def test_latency_breakdown_adds_up() -> None:

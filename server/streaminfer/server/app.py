@@ -137,16 +137,19 @@ class StreaminferServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         admission = self.config.admission
+        wait_check = f"above {admission.max_queue_wait_ms:g} ms projected wait" if admission.max_queue_wait_ms > 0 else "off"
+        busy_limit = self.monitor.busy_limit
+        busy_check = f"above {busy_limit:g} projected busy fraction" if busy_limit > 0 else "off"
         logger.info(
-            "streaminfer listening on %s:%d (%s, API keys %s, at most %d streams, shedding above %g ms projected "
-            "wait and %g projected busy fraction, metrics %s)",
+            "streaminfer listening on %s:%d (%s, API keys %s, at most %d streams, shedding by queue wait %s "
+            "and by busy fraction %s, metrics %s)",
             self.config.host,
             self.port,
             "TLS" if self.config.tls_cert_file else "plaintext",
             "required" if self.api_keys else "off",
             admission.max_streams,
-            admission.max_queue_wait_ms,
-            self.monitor.busy_limit,
+            wait_check,
+            busy_check,
             f"on http://{self.config.metrics_host or self.config.host}:{self.metrics_port}/metrics"
             if self.metrics_port is not None
             else "off",

@@ -12,7 +12,9 @@ reports on what happened between the two reads:
   share closed by delay or full;
 - saturation: model instances (inference and postprocess seconds per second
   over instances), decode threads (busy seconds per second over threads),
-  the event loop (how late its 20 ms timer ran) and process CPU over cores;
+  the event loop (how late its 20 ms timer ran, and its busy fraction
+  against admission.max_busy_fraction while that check is on) and process
+  CPU over cores;
 - drops and rejections by reason;
 - one verdict naming the bottleneck and the change that would help.
 
@@ -497,12 +499,23 @@ def _saturation(window: Window, batches: list[dict[str, Any]]) -> dict[str, Any]
     late_share = _busy(lag.sum, interval)
     entries.append(
         {
-            "stage": "event loop",
+            "stage": "event loop timer",
             "busy": late_share,
-            "detail": f"timer late {late_share:.0%} of the time; lag mean {_ms(_mean(lag))}, "
+            "detail": f"a 20 ms timer late {late_share:.0%} of the time; lag mean {_ms(_mean(lag))}, "
             f"p99 {'>' if lag_above else ''}{_ms(lag_p99 or 0.0)}",
         }
     )
+    busy_fraction = window.gauge(M_BUSY_FRACTION)
+    max_busy_fraction = window.gauge(M_MAX_BUSY_FRACTION)
+    if max_busy_fraction > 0:
+        entries.append(
+            {
+                "stage": "event loop busy fraction",
+                "busy": busy_fraction,
+                "detail": f"the loop busy instead of waiting for the network; admission.max_busy_fraction "
+                f"{max_busy_fraction:g}",
+            }
+        )
     entries.append(
         {
             "stage": "process CPU",
@@ -515,8 +528,8 @@ def _saturation(window: Window, batches: list[dict[str, Any]]) -> dict[str, Any]
     return {
         "stages": entries,
         # Over the last second before the second scrape; 0 when the server's busy-fraction check is off.
-        "busy_fraction": window.gauge(M_BUSY_FRACTION),
-        "max_busy_fraction": window.gauge(M_MAX_BUSY_FRACTION),
+        "busy_fraction": busy_fraction,
+        "max_busy_fraction": max_busy_fraction,
         "decode_threads": threads,
         "decode_busy": _busy(decode_busy_per_s, threads),
         "cpu_cores": cores,
@@ -683,7 +696,17 @@ def _verdict(report: dict[str, Any]) -> dict[str, Any]:
 
     if group == "transport":
         loop_blocked = saturation["loop_late_share"] >= LOOP_LATE_SHARE or saturation["loop_lag_p99_s"] >= LOOP_P99_S
+        loop_saturated = 0 < saturation["max_busy_fraction"] <= saturation["busy_fraction"]
         write_timeouts = sum(e["count"] for e in traffic["streams_ended_by_server"] if e["reason"] == "write_timeout")
+        if loop_saturated:
+            return verdict(
+                "event_loop",
+                f"the event loop is near its limit: busy {saturation['busy_fraction']:.0%} of the last second, at or "
+                f"over admission.max_busy_fraction {saturation['max_busy_fraction']:g}; write and event loop/network "
+                f"are {share:.0%} of {where}",
+                "add workers (serve --workers N) or replicas: new streams are rejected (busy) until the load falls",
+                model,
+            )
         if loop_blocked:
             return verdict(
                 "event_loop",
@@ -825,16 +848,6 @@ def _findings(report: dict[str, Any]) -> list[dict[str, Any]]:
                 )
     for stage in report["saturation"]["stages"]:
         findings.append({"impact": min(1.0, stage["busy"]), "text": f"{stage['stage']} {stage['busy']:.0%} busy ({stage['detail']})"})
-    busy_fraction = report["saturation"]["busy_fraction"]
-    if busy_fraction > 0:
-        findings.append(
-            {
-                "impact": min(1.0, busy_fraction),
-                "text": f"busy fraction {busy_fraction:.2f}: the event loop was busy {busy_fraction:.0%} of the last "
-                f"second, instead of waiting for network events (admission.max_busy_fraction "
-                f"{report['saturation']['max_busy_fraction']:g})",
-            }
-        )
     for drop in report["drops"]:
         findings.append(
             {
@@ -848,7 +861,7 @@ def _findings(report: dict[str, Any]) -> list[dict[str, Any]]:
             {
                 "impact": min(1.0, rejection["share"]),
                 "text": f"{rejection['count']:.0f} streams rejected ({rejection['reason']}), "
-                f"{rejection['share']:.0%} of streams opened",
+                f"{rejection['share']:.0%} of new streams",
             }
         )
     for batch in report["batches"]:
@@ -927,6 +940,10 @@ def render(report: dict[str, Any]) -> str:
     lines += ["", "Saturation (busiest first):"]
     for stage in report["saturation"]["stages"]:
         lines.append(f"  {stage['stage']:<28} {stage['busy']:4.0%}  {stage['detail']}")
+    if report["saturation"]["max_busy_fraction"] <= 0:
+        lines.append(
+            f"  {'event loop busy fraction':<28}    -  not measured: admission.max_busy_fraction is 0, or /proc cannot be read"
+        )
 
     lines += ["", "Drops by reason:"]
     lines += [
@@ -935,7 +952,7 @@ def render(report: dict[str, Any]) -> str:
     ] or ["  none"]
     lines += ["Rejections by reason:"]
     lines += [
-        f"  {rejection['reason']}: {rejection['count']:.0f} ({rejection['share']:.0%} of streams opened)"
+        f"  {rejection['reason']}: {rejection['count']:.0f} ({rejection['share']:.0%} of new streams, admitted or rejected)"
         for rejection in report["rejections"]
     ] or ["  none"]
     ended = traffic["streams_ended_by_server"]
@@ -976,8 +993,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 DESCRIPTION = (
     "Read a running server's /metrics page twice, INTERVAL seconds apart, and report on what happened between: "
     "where chunk latency goes (mean per chunk in each stage; the rest is event loop/network), p50/p99 per model, "
-    "batch fill, drops and rejections by reason, how busy model instances, decode threads, the event loop and the "
-    "CPU are, and the bottleneck with the change that would help. Text output shows times in ms (or s) and shares "
+    "batch fill, drops and rejections by reason, how busy model instances, decode threads, the event loop (its "
+    "timer's lateness, and the busy fraction that admission checks) and the CPU are, and the bottleneck with the change that would help. Text output shows times in ms (or s) and shares "
     "in %; --json gives seconds and ratios. Progress goes to stderr."
 )
 

@@ -180,10 +180,10 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             if busy.projected > admission.max_busy_fraction:
                 raise Rejection(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"the server is near its limit: its event loop was busy {busy.measured:.0%} of the "
-                    f"last second, and with {open_streams} streams open one more projects {busy.projected:.0%}, "
-                    f"over its admission.max_busy_fraction of {admission.max_busy_fraction:g}; retry after "
-                    f"{pushback} ms or on another replica",
+                    f"the server is near its limit: its event loop was busy {busy.measured:.3f} of the "
+                    f"last second, and with {open_streams} streams open one more stream projects a busy fraction of "
+                    f"{busy.projected:.3f}, over its admission.max_busy_fraction of {admission.max_busy_fraction:g}; "
+                    f"retry after {pushback} ms or on another replica",
                     pushback,
                     "busy",
                 )
