@@ -188,6 +188,30 @@ def test_merged_histograms_keep_every_count() -> None:
     assert Recorder.from_wire(Recorder().to_wire()).latency.get_total_count() == 0
 
 
+def test_first_message_kept_per_status() -> None:
+    from streaminfer.loadtest.report import build_report, format_summary
+
+    a, b = Recorder(), Recorder()
+    a.count_status("OK")
+    a.count_status("UNAVAILABLE", "the server is near its limit; retry after 1000 ms")
+    a.count_status("UNAVAILABLE", "a later message")
+    b.count_status("UNAVAILABLE", "from another process")
+    b.count_status("DEADLINE_EXCEEDED", "deadline passed")
+    merged = Recorder()
+    merged.merge(Recorder.from_wire(json.loads(json.dumps(a.to_wire()))))
+    merged.merge(Recorder.from_wire(json.loads(json.dumps(b.to_wire()))))
+    assert merged.status_codes == {"OK": 1, "UNAVAILABLE": 3, "DEADLINE_EXCEEDED": 1}
+    assert merged.status_messages == {
+        "UNAVAILABLE": "the server is near its limit; retry after 1000 ms",
+        "DEADLINE_EXCEEDED": "deadline passed",
+    }
+    report = build_report(merged, {}, 1.0, {"description": "fixed concurrency 2"})
+    assert report["status_messages"] == merged.status_messages
+    summary = format_summary(report)
+    assert "  first UNAVAILABLE: the server is near its limit; retry after 1000 ms" in summary
+    assert "  first DEADLINE_EXCEEDED: deadline passed" in summary
+
+
 # Runs against a real server
 
 

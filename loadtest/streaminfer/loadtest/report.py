@@ -49,6 +49,7 @@ def build_report(
             "received": c["events_received"] / wall_s if wall_s > 0 else None,
         },
         "status_codes": dict(recorder.status_codes),
+        "status_messages": dict(recorder.status_messages),
         "drop_reasons": dict(recorder.drop_reasons),
         "goodput": {
             "budget_ms": recorder.budget_ms,
@@ -106,6 +107,8 @@ def format_summary(report: dict[str, Any]) -> str:
     rates = report["messages_per_second"]
     lines.append(f"messages/s: {_ms(rates['sent'])} sent (config + chunks), {_ms(rates['received'])} events received (results, acks, errors, stream ends)")
     lines.append("status codes: " + (", ".join(f"{k} {v}" for k, v in sorted(report["status_codes"].items())) or "-"))
+    for status, message in sorted(report.get("status_messages", {}).items()):
+        lines.append(f"  first {status}: {message}")
     lines.append("drop reasons: " + (", ".join(f"{k} {v}" for k, v in sorted(report["drop_reasons"].items())) or "-"))
     goodput = report["goodput"]
     fraction = goodput["good_fraction"]

@@ -303,7 +303,7 @@ class LoadRun:
             session = await client.open_stream(self.stream_config(plan.kind), timeout=deadline_s)
         except StreaminferError as error:
             recorder.count("streams_failed")
-            recorder.status_codes[error.code.name if error.code is not None else "CLIENT_ERROR"] += 1
+            recorder.count_status(error.code.name if error.code is not None else "CLIENT_ERROR", error.details)
             return
         recorder.count("requests_sent")
         recorder.count("streams_opened")
@@ -313,6 +313,7 @@ class LoadRun:
         self.books.add(book)
         self.open_streams += 1
         status = "OK"
+        message = ""
         sender = asyncio.create_task(
             send_paced(session, book, self.payloads(plan.kind, plan.index), start, end, self.clock, self.stop)
         )
@@ -336,6 +337,7 @@ class LoadRun:
                         pass
         except StreaminferError as error:
             status = error.code.name if error.code is not None else "CLIENT_ERROR"
+            message = error.details
         finally:
             if not sender.done():
                 sender.cancel()
@@ -347,7 +349,7 @@ class LoadRun:
             self.books.discard(book)
             book.abandon()
 
-        recorder.status_codes[status] += 1
+        recorder.count_status(status, message)
         if status == "OK" and not book.has_failed_chunk and book.max_latency_s * 1000.0 <= self.config.budget_ms:
             recorder.count("streams_good")
 

@@ -80,11 +80,19 @@ class Recorder:
     latency_by_level: dict[int, HdrHistogram] = dataclasses.field(default_factory=dict)
     # Stream outcomes by gRPC status name ("OK" for a stream that ended normally).
     status_codes: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    # The server's message of the first stream that ended with each status other than OK.
+    status_messages: dict[str, str] = dataclasses.field(default_factory=dict)
     # ChunkError reasons from the server, and UNANSWERED for chunks with neither ack nor error at the end.
     drop_reasons: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
     def count(self, name: str, amount: int = 1) -> None:
         self.counters[name] += amount
+
+    def count_status(self, status: str, message: str = "") -> None:
+        """Count a stream's outcome, keeping the first message of each status other than OK."""
+        self.status_codes[status] += 1
+        if message and status != "OK":
+            self.status_messages.setdefault(status, message)
 
     def record_latency(self, modality: str, seconds: float, second_index: int, level: int | None = None) -> None:
         record_s(self.latency, seconds)
@@ -118,6 +126,8 @@ class Recorder:
                     target[key] = new_histogram(digits)
                 target[key].add(histogram)
         self.status_codes.update(other.status_codes)
+        for status, message in other.status_messages.items():
+            self.status_messages.setdefault(status, message)
         self.drop_reasons.update(other.drop_reasons)
 
     def lag_thirds_ms(self) -> tuple[float | None, float | None]:
@@ -150,6 +160,7 @@ class Recorder:
             "latency_by_second": {str(k): _encode(v) for k, v in self.latency_by_second.items()},
             "latency_by_level": {str(k): _encode(v) for k, v in self.latency_by_level.items()},
             "status_codes": dict(self.status_codes),
+            "status_messages": dict(self.status_messages),
             "drop_reasons": dict(self.drop_reasons),
         }
 
@@ -165,5 +176,6 @@ class Recorder:
         recorder.latency_by_second = {int(k): _decode(v) for k, v in data["latency_by_second"].items()}
         recorder.latency_by_level = {int(k): _decode(v) for k, v in data["latency_by_level"].items()}
         recorder.status_codes.update(data["status_codes"])
+        recorder.status_messages.update(data.get("status_messages", {}))
         recorder.drop_reasons.update(data["drop_reasons"])
         return recorder
