@@ -157,6 +157,27 @@ def test_errors_and_unanswered_chunks_are_counted_apart() -> None:
     assert dict(recorder.drop_reasons) == {"DEADLINE": 1, "UNANSWERED": 2}
 
 
+def test_warmup_chunks_not_judged() -> None:
+    recorder = Recorder(budget_ms=100.0)
+    # The stream starts at 10.0 with 1 s of warm-up.
+    book = ChunkBook(recorder, "audio", t0=0.0, level_of=lambda when: None, judged_from=11.0)
+    book.scheduled.update({1: 10.0, 2: 10.5, 3: 11.0, 4: 11.5})
+    # The first two chunks are late (300 ms and 200 ms), the later ones on time.
+    book.acked(1, 2, 10.7)
+    book.acked(3, 3, 11.05)
+    book.acked(4, 4, 11.56)
+    assert book.max_latency_s == pytest.approx(0.06)
+    assert recorder.latency.get_total_count() == 4
+    assert recorder.counters["chunks_over_budget"] == 2
+
+
+def test_warmup_option_checked() -> None:
+    args = cli.build_parser().parse_args(["--warmup", "1.5"])
+    assert cli.config_from_args(args).warmup_s == 1.5
+    with pytest.raises(ValueError, match=r"--warmup -1\.0 is invalid: expected seconds >= 0"):
+        cli.config_from_args(cli.build_parser().parse_args(["--warmup", "-1"]))
+
+
 # Histograms merged across processes
 
 
@@ -205,11 +226,12 @@ def test_first_message_kept_per_status() -> None:
         "UNAVAILABLE": "the server is near its limit; retry after 1000 ms",
         "DEADLINE_EXCEEDED": "deadline passed",
     }
-    report = build_report(merged, {}, 1.0, {"description": "fixed concurrency 2"})
+    report = build_report(merged, {"warmup_s": 1.0}, 1.0, {"description": "fixed concurrency 2"})
     assert report["status_messages"] == merged.status_messages
     summary = format_summary(report)
     assert "  first UNAVAILABLE: the server is near its limit; retry after 1000 ms" in summary
     assert "  first DEADLINE_EXCEEDED: deadline passed" in summary
+    assert "met the 100 ms budget on every chunk after the first 1 s" in summary
 
 
 # Runs against a real server

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-streams", type=int, default=10_000, metavar="N", help="at most this many streams in a run")
     parser.add_argument("--budget-ms", type=float, default=100.0, metavar="MS",
                    help="per-chunk latency budget in milliseconds, for goodput and --ramp")
+    parser.add_argument("--warmup", type=float, default=0.0, metavar="S",
+                        help="seconds at the start of each stream whose chunks count in the latency figures but not "
+                        "in goodput, which judges the later chunks against --budget-ms (default: 0, every chunk)")
 
     audio = parser.add_argument_group("audio")
     audio.add_argument("--chunk-ms", type=float, default=32.0, metavar="MS", help="audio chunk length in milliseconds; one chunk is sent per chunk length")
@@ -105,6 +108,8 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         positive(name.replace("_", "-"), getattr(args, name))
     if args.drain < 0:
         raise ValueError(f"--drain {args.drain!r} is invalid: expected seconds >= 0")
+    if not args.warmup >= 0:
+        raise ValueError(f"--warmup {args.warmup!r} is invalid: expected seconds >= 0")
     for name in ("concurrency", "processes", "connections", "sample_rate", "max_streams"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -124,7 +129,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
     return LoadConfig(
         target=args.target, scenario=args.scenario, mix=mix, duration_s=args.duration, stream_s=args.stream_seconds,
         concurrency=concurrency, arrival_rate=args.arrival_rate, ramp=ramp, seed=args.seed, max_streams=args.max_streams,
-        budget_ms=args.budget_ms, drain_s=args.drain, chunk_ms=args.chunk_ms, sample_rate=args.sample_rate,
+        budget_ms=args.budget_ms, warmup_s=args.warmup, drain_s=args.drain, chunk_ms=args.chunk_ms, sample_rate=args.sample_rate,
         signal=args.signal, media_dir=args.media_dir, fps=args.fps, wpm=args.wpm, audio_model=args.audio_model,
         video_model=args.video_model, text_model=args.text_model, connections=args.connections, retries=args.retries,
         progress=not args.quiet,

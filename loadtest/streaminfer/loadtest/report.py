@@ -53,6 +53,7 @@ def build_report(
         "drop_reasons": dict(recorder.drop_reasons),
         "goodput": {
             "budget_ms": recorder.budget_ms,
+            "warmup_s": settings.get("warmup_s", 0.0),
             "streams": streams_done,
             "good_streams": c["streams_good"],
             "good_fraction": c["streams_good"] / streams_done if streams_done else None,
@@ -77,6 +78,7 @@ def format_summary(report: dict[str, Any]) -> str:
     lines.append(
         f"streams: {c['streams_planned']} planned, {c['streams_opened']} opened, {c['streams_failed']} failed at setup, "
         f"{c['streams_good']} met the {report['goodput']['budget_ms']:g} ms budget on every chunk"
+        + (f" after the first {report['goodput']['warmup_s']:g} s" if report["goodput"].get("warmup_s") else "")
     )
     lines.append(
         f"chunks: {c['chunks_sent']} sent = {c['chunks_acked']} acked + {c['chunk_errors']} errors + "

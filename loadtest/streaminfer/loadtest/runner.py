@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import pathlib
 import time
 from collections.abc import Callable
@@ -55,6 +56,8 @@ class LoadConfig:
     seed: int = 1
     max_streams: int = 10_000
     budget_ms: float = 100.0
+    # Seconds at the start of each stream whose chunks goodput does not judge.
+    warmup_s: float = 0.0
     drain_s: float = 10.0
     chunk_ms: float = 32.0
     sample_rate: int = 16_000
@@ -145,11 +148,20 @@ class Session(Protocol):
 class ChunkBook:
     """Scheduled send times of a stream's chunks until the server acks or fails each one."""
 
-    def __init__(self, recorder: Recorder, kind: str, t0: float, level_of: Callable[[float], int | None]) -> None:
+    def __init__(
+        self,
+        recorder: Recorder,
+        kind: str,
+        t0: float,
+        level_of: Callable[[float], int | None],
+        judged_from: float = -math.inf,
+    ) -> None:
         self.recorder = recorder
         self.kind = kind
         self.t0 = t0
         self.level_of = level_of
+        # Chunks scheduled before this time count in the latency figures but not in max_latency_s (goodput).
+        self.judged_from = judged_from
         # Sequence number -> scheduled send time, for chunks written and still without an ack or error.
         self.scheduled: dict[int, float] = {}
         self.max_latency_s = 0.0
@@ -161,7 +173,8 @@ class ChunkBook:
             if when is None:
                 continue
             latency = now - when
-            self.max_latency_s = max(self.max_latency_s, latency)
+            if when >= self.judged_from:
+                self.max_latency_s = max(self.max_latency_s, latency)
             self.recorder.count("chunks_acked")
             self.recorder.record_latency(self.kind, latency, int(max(0.0, when - self.t0)), self.level_of(when))
 
@@ -309,7 +322,7 @@ class LoadRun:
         recorder.count("streams_opened")
         recorder.setup.record_value(max(1, round((self.clock() - start) * 1e6)))
 
-        book = ChunkBook(recorder, plan.kind, self.t0, self.level_of)
+        book = ChunkBook(recorder, plan.kind, self.t0, self.level_of, judged_from=start + self.config.warmup_s)
         self.books.add(book)
         self.open_streams += 1
         status = "OK"
