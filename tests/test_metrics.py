@@ -148,6 +148,9 @@ def test_rejections_by_reason() -> None:
     thread = ServerThread(config).start()
     try:
         before = scrape(thread.server.metrics_port)
+        # Every reason is on the page from the start, so that rate() works before the first rejection.
+        for reason in metrics.REJECTION_REASONS:
+            assert ("streaminfer_streams_rejected_total", (("reason", reason),)) in before
         channel = grpc.insecure_channel(thread.target)
         stub = pb_grpc.InferenceServiceStub(channel)
 

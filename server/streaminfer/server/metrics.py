@@ -166,10 +166,12 @@ STREAMS_ACTIVE = Gauge(
     "streaminfer_streams_active", "Streams open now.", multiprocess_mode="livesum"
 )
 STREAMS_STARTED = Counter("streaminfer_streams_started_total", "Streams admitted.")
+REJECTION_REASONS = (
+    "draining", "max_streams", "learned_max_streams", "busy", "queue_wait", "rate_limit", "unauthenticated"
+)
 STREAMS_REJECTED = Counter(
     "streaminfer_streams_rejected_total",
-    "Streams rejected before any work, by reason: draining, max_streams, learned_max_streams, busy, queue_wait, "
-    "rate_limit, unauthenticated.",
+    f"Streams rejected before any work, by reason: {', '.join(REJECTION_REASONS)}.",
     ["reason"],
 )
 STREAMS_ENDED = Counter(
@@ -455,6 +457,9 @@ class Sampler:
         MAX_STREAMS.set(executor.config.admission.max_streams)
         MAX_BUSY_FRACTION.set(monitor.busy_limit)
         DECODE_THREADS.set(executor.decode.lanes)
+        # Every reason is exported from the start, at 0, so that rate() over it works before the first rejection.
+        for reason in REJECTION_REASONS:
+            STREAMS_REJECTED.labels(reason)
         for name, runner in executor.runners.items():
             INSTANCES.labels(name).set(runner.config.instances)
             MAX_BATCH_SIZE.labels(name).set(runner.config.batching.max_batch_size)
