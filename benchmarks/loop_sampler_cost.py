@@ -2,11 +2,10 @@
 
 The server's sampler thread wakes up to 200 times a second (fewer while it
 waits for the GIL), reads the event loop thread's system call from /proc and
-takes the GIL to count it. This runs
-a pure-Python loop for ``--seconds`` with the sampler off, then on and
-sampling that same thread, for ``--rounds`` alternating rounds, under the
-server's switch interval, and prints the loop iterations of each run and the
-median ratio. A pure-Python loop is the sampler's worst case: the event loop
+takes the GIL to count it. This runs a pure-Python loop for ``--seconds``
+with the sampler off, then on and sampling that same thread, for
+``--rounds`` alternating rounds, under the server's switch interval, and
+prints the loop iterations of each run and the median ratio. A pure-Python loop is the sampler's worst case: the event loop
 of a real server lets go of the GIL while it waits for network events.
 """
 
@@ -14,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import os
 import sys
 import time
 
 from streaminfer.server.cli import DEFAULT_SWITCH_INTERVAL_S
-from streaminfer.server.load import LoopSampler, LoopSamplingUnavailable, open_thread_syscall
+from streaminfer.server.load import LoopSampler, loop_sampling_unavailable, open_thread_syscall
 
 
 def loop_iterations(seconds: float) -> int:
@@ -40,10 +38,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per run (default: 3)")
     args = parser.parse_args()
     sys.setswitchinterval(DEFAULT_SWITCH_INTERVAL_S)
-    try:
-        os.close(open_thread_syscall())
-    except LoopSamplingUnavailable as error:
-        print(f"cannot sample this thread: {error}", file=sys.stderr)
+    reason = loop_sampling_unavailable()
+    if reason is not None:
+        print(f"cannot sample this thread: {reason}", file=sys.stderr)
         return 1
 
     ratios = []

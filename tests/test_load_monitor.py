@@ -334,7 +334,7 @@ def test_loop_sampler_stops_when_the_thread_ends() -> None:
     assert sampler.failure.startswith("reading the event loop's /proc system call file failed")
 
 
-def test_loop_sampling_unavailable_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_loop_sampling_unavailable_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     import platform
 
     from streaminfer.server import load
@@ -378,6 +378,7 @@ def test_busy_check_off_when_sampler_fails() -> None:
             monitor._measure_busy()
             assert monitor.busy_limit == 0.0
             assert monitor.busy_projection() is None
+            assert monitor.busy_fraction() is None
         finally:
             await monitor.aclose()
 

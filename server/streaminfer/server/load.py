@@ -119,7 +119,7 @@ def open_thread_syscall() -> int:
     wait_calls = LOOP_WAIT_SYSCALLS.get(machine)
     if wait_calls is None:
         raise LoopSamplingUnavailable(f"the epoll system call numbers of machine {machine!r} are not known (known: x86_64, aarch64)")
-    expected = {str(number).encode() for number in wait_calls}
+    expected = _wait_call_fields()
     seen = _blocked_in_epoll_reads(expected)
     if seen not in expected:
         raise LoopSamplingUnavailable(
@@ -138,22 +138,27 @@ def loop_sampling_unavailable() -> str | None:
     return None
 
 
+def _wait_call_fields() -> frozenset[bytes]:
+    """Return the first fields of /proc/.../syscall that mean a wait in epoll on this machine."""
+    return frozenset(str(number).encode() for number in LOOP_WAIT_SYSCALLS[platform.machine()])
+
+
 def _open_syscall_file() -> int:
     """Open /proc/thread-self/syscall (Linux 3.17 and later) for the calling thread, read it once, and return it."""
     path = "/proc/thread-self/syscall"
     try:
         descriptor = os.open(path, os.O_RDONLY)
     except OSError as error:
-        raise LoopSamplingUnavailable(f"{path} cannot be opened ({error.strerror or error})") from error
+        raise LoopSamplingUnavailable(f"opening {path} failed ({error.strerror or error})") from error
     try:
         os.pread(descriptor, 64, 0)
     except OSError as error:
         os.close(descriptor)
-        raise LoopSamplingUnavailable(f"{path} cannot be read ({error.strerror or error})") from error
+        raise LoopSamplingUnavailable(f"reading {path} failed ({error.strerror or error})") from error
     return descriptor
 
 
-def _blocked_in_epoll_reads(expected: set[bytes]) -> bytes:
+def _blocked_in_epoll_reads(expected: frozenset[bytes]) -> bytes:
     """Return the first field of the /proc system call file of a thread blocked in epoll.
 
     It is read until it is one of ``expected`` or half of CALIBRATION_TIMEOUT_S has passed.
@@ -220,7 +225,7 @@ class LoopSampler:
 
     def __init__(self, descriptor: int, mean_sleep_s: float = SAMPLE_MEAN_SLEEP_S) -> None:
         self._descriptor = descriptor
-        self._wait_calls = {str(number).encode() for number in LOOP_WAIT_SYSCALLS[platform.machine()]}
+        self._wait_calls = _wait_call_fields()
         self._mean_sleep_s = mean_sleep_s
         self._lock = threading.Lock()
         self._samples = 0
@@ -282,9 +287,9 @@ class BusyMeter:
     is higher). Until there has been one, the cost over the last second is
     used. Near 1 the fraction flattens as the loop saturates, so more
     streams would look cheaper each and let still more in. Between the limit
-    and the ceiling it still prices streams fairly: a burst let in more than
-    the limit allows, and the price it shows lowers the count the next burst
-    gets.
+    and the ceiling it still prices streams fairly, so after a burst that let
+    in more streams than the limit allows, the higher price lowers the count
+    the next burst gets.
     """
 
     def __init__(self, limit: float) -> None:
@@ -440,6 +445,8 @@ class LoadMonitor:
 
     def busy_fraction(self) -> float | None:
         """Return the share of the last second the event loop was busy; None before enough samples or while not sampled."""
+        if self._sampler is None:
+            return None
         return self.busy.fraction()
 
     def busy_projection(self) -> BusyProjection | None:
@@ -468,7 +475,6 @@ class LoadMonitor:
             # The thread has returned already, so this does not wait.
             self._sampler.stop()
             self._sampler = None
-            metrics.MAX_BUSY_FRACTION.set(0.0)
         self._open_before = open_now
         self._rejected_before = rejected
 

@@ -320,7 +320,8 @@ BUSY_FRACTION = Gauge(
 )
 MAX_BUSY_FRACTION = Gauge(
     "streaminfer_max_busy_fraction",
-    "admission.max_busy_fraction of the process; 0 while the check is off, set so or because /proc cannot be read.",
+    "admission.max_busy_fraction of the process; 0 while the check is off, by configuration or because /proc "
+    "cannot be read.",
     multiprocess_mode="livemax",
 )
 AUDIO_BACKLOG = Gauge(
@@ -455,7 +456,6 @@ class Sampler:
         self._sampled_at = -float("inf")
         CPU_CORES.set(os.cpu_count() or 1)
         MAX_STREAMS.set(executor.config.admission.max_streams)
-        MAX_BUSY_FRACTION.set(monitor.busy_limit)
         DECODE_THREADS.set(executor.decode.lanes)
         # Every reason is exported from the start, at 0, so that rate() over it works before the first rejection.
         for reason in REJECTION_REASONS:
@@ -479,6 +479,7 @@ class Sampler:
         PROJECTED_WAIT.set(self._monitor.projected_wait_s())
         AUDIO_BACKLOG.set(self._monitor.audio_backlog_s)
         BUSY_FRACTION.set(self._monitor.busy_fraction() or 0.0)
+        MAX_BUSY_FRACTION.set(self._monitor.busy_limit)
         LEARNED_MAX_STREAMS.set(self._monitor.learned_max_streams or 0)
 
         unhealthy = self._monitor.unhealthy_models
