@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
+import subprocess
+import sys
 import wave
 from collections.abc import Iterable, Iterator
 
@@ -117,3 +120,28 @@ def jpeg(image: np.ndarray) -> bytes:
     ok, encoded = cv2.imencode(".jpg", image)
     assert ok
     return encoded.tobytes()
+
+
+def start_cli_server(args: list[str]) -> tuple[subprocess.Popen[str], int, list[str]]:
+    """Start `streaminfer serve --port 0 ARGS`; return the process, its port and the log up to its ready line.
+
+    The caller stops the process. Its output goes on in process.stdout.
+    """
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streaminfer.server.cli", "serve", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert server.stdout is not None
+    log = []
+    for line in server.stdout:
+        log.append(line)
+        if line.startswith("streaminfer listening on"):
+            break
+    match = re.search(r"listening on \S+:(\d+)", log[-1]) if log else None
+    if match is None:
+        server.kill()
+        raise AssertionError("the server exited before listening:\n" + "".join(log))
+    return server, int(match.group(1)), log
+

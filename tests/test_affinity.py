@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from streamutil import audio_requests, run_stream
+from streamutil import audio_requests, run_stream, start_cli_server
 from streaminfer.server import affinity
 from streaminfer.server.config import ConfigError, load_config
 from streaminfer.server.workers import worker_config
@@ -176,23 +176,10 @@ def test_server_pins_inference_threads_apart(
     config.write_text(models)
     inference_cpu = ALLOWED[-1]
     rest = affinity.format_cpus(frozenset(ALLOWED[:-1]))
-    server = subprocess.Popen(
-        [
-            sys.executable, "-m", "streaminfer.server.cli", "serve", "--config", str(config), "--port", "0",
-            "--metrics-port", "-1", "--inference-cpus", str(inference_cpu), "--torch-threads", torch_threads,
-        ],  # fmt: skip
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    server, port, log = start_cli_server(
+        ["--config", str(config), "--metrics-port", "-1", "--inference-cpus", str(inference_cpu), "--torch-threads", torch_threads]
     )
     try:
-        assert server.stdout is not None
-        log = []
-        for line in server.stdout:
-            log.append(line)
-            if line.startswith("streaminfer listening on"):
-                break
-        port = re.search(r"listening on \S+:(\d+)", log[-1]).group(1)
         expected = f"inference threads pinned to CPU(s) {inference_cpu}; every other thread to CPU(s) {rest}"
         assert any(expected in line for line in log), log
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

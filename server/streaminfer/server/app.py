@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from streaminfer.server import metrics, tracing
+from streaminfer.server import metrics, priority, tracing
 from streaminfer.server.access import ApiKeyInterceptor, RateLimiter, load_api_keys, server_credentials
 from streaminfer.server.config import ServerConfig
 from streaminfer.server.executor import Executor
@@ -34,6 +34,8 @@ FINAL_ANSWER_S = 5.0
 DRAIN_POLL_S = 0.05
 # After draining, seconds left to calls other than streams (a unary Infer).
 STOP_GRACE_S = 1.0
+# Seconds between looks for gRPC threads started since the last one.
+PRIORITY_CHECK_S = 5.0
 
 # Room above the largest frame for the rest of the message.
 _MESSAGE_OVERHEAD_BYTES = 64 * 1024
@@ -67,6 +69,8 @@ class StreaminferServer:
         self.metrics_port: int | None = None
         self._metrics_server: Any = None
         self._server: grpc.aio.Server | None = None
+        self.grpc_priority = priority.GrpcThreadPriority(config.grpc_thread_nice)
+        self._priority_task: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Bind the port, load the models, and start serving; return the bound port.
@@ -134,6 +138,7 @@ class StreaminferServer:
             self._server,
         )
         await self._server.start()
+        self._lower_grpc_threads()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         admission = self.config.admission
@@ -155,6 +160,39 @@ class StreaminferServer:
             else "off",
         )
         return self.port
+
+    def _lower_grpc_threads(self) -> None:
+        """Run gRPC's threads below the event loop's priority, now and every PRIORITY_CHECK_S."""
+        lowering = self.grpc_priority
+        if not lowering.active:
+            return
+        if not priority.supported():
+            logger.info("gRPC's threads keep the event loop's priority: thread priorities need Linux with /proc")
+            return
+        lowered = lowering.lower()
+        if lowering.failed:
+            return
+        if not lowered:
+            logger.warning(
+                "found none of gRPC's threads by name (%s); they keep the event loop's priority. "
+                "Set server.grpc_thread_nice = 0 to skip the search",
+                ", ".join(sorted(priority.GRPC_THREAD_NAMES)),
+            )
+            return
+        logger.info(
+            "gRPC's %d I/O thread(s) run at nice %d, %d below the event loop (server.grpc_thread_nice)",
+            lowered,
+            lowering.target,
+            lowering.offset,
+        )
+        self._priority_task = asyncio.create_task(self._keep_grpc_threads_lowered(), name="grpc-thread-priority")
+
+    async def _keep_grpc_threads_lowered(self) -> None:
+        while self.grpc_priority.active:
+            await asyncio.sleep(PRIORITY_CHECK_S)
+            lowered = self.grpc_priority.lower()
+            if lowered:
+                logger.debug("lowered %d new gRPC thread(s) to nice %d", lowered, self.grpc_priority.target)
 
     async def _set_healthy(self, healthy: bool) -> None:
         self.service.unhealthy_models = self.monitor.unhealthy_models
@@ -196,6 +234,8 @@ class StreaminferServer:
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
+        if self._priority_task is not None:
+            self._priority_task.cancel()
         await self.monitor.aclose()
         self.service.flush_rejection_log()
         await self.executor.aclose()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 
@@ -21,6 +20,7 @@ def _serve(options: argparse.Namespace) -> int:
         "decode_threads": options.decode_threads,
         "torch_threads": options.torch_threads,
         "inference_cpus": options.inference_cpus,
+        "grpc_thread_nice": options.grpc_thread_nice,
         "drain_grace_s": options.grace,
         "metrics_port": options.metrics_port,
         "log_chunks": options.log_chunks or None,
@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPUs for the inference threads alone, as taskset -c writes them (\"1\", \"2-3\"), or \"last:N\" "
         "for the last N CPUs this process may use; every other thread runs on the remaining CPUs, and "
         "--torch-threads 0 then means one per such CPU; Linux only (default: \"\", no pinning)",
+    )
+    serve.add_argument(
+        "--grpc-thread-nice",
+        type=int,
+        metavar="N",
+        help="run gRPC's I/O threads N nice levels below the event loop, so their wake-ups do not push it off its "
+        "CPU; 0 leaves them at its priority, at most 19; Linux only (default: 10)",
     )
     serve.add_argument(
         "--log-chunks",

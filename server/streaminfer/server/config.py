@@ -142,6 +142,9 @@ class ServerConfig:
     # CPUs for the inference threads alone. Every other thread of the process
     # runs on the remaining CPUs. Empty: no pinning.
     inference_cpus: tuple[int, ...] = ()
+    # Nice levels by which gRPC's I/O threads run below the event loop, so
+    # their wake-ups do not push it off its CPU; 0 leaves them. Linux only.
+    grpc_thread_nice: int = 10
     models: tuple[ModelConfig, ...] = ()
     limits: LimitsConfig = LimitsConfig()
     # Let other processes listen on the same port (SO_REUSEPORT). Set for
@@ -359,6 +362,7 @@ _KNOWN_KEYS = {
         "decode_threads",
         "torch_threads",
         "inference_cpus",
+        "grpc_thread_nice",
         "tls_cert_file",
         "tls_key_file",
         "tls_client_ca_file",
@@ -497,6 +501,12 @@ def config_from_mapping(data: Mapping[str, Any]) -> ServerConfig:
         isinstance(torch_threads, int) and torch_threads >= 0,
         f"server.torch_threads = {torch_threads!r} is invalid: expected an integer >= 0 (0 picks one per core minus one)",
     )
+    grpc_thread_nice = server.get("grpc_thread_nice", ServerConfig().grpc_thread_nice)
+    _require(
+        isinstance(grpc_thread_nice, int) and not isinstance(grpc_thread_nice, bool) and 0 <= grpc_thread_nice <= 19,
+        f"server.grpc_thread_nice = {grpc_thread_nice!r} is invalid: expected nice levels from 0 (leave gRPC's threads "
+        "at the event loop's priority) to 19",
+    )
     host = server.get("host", "127.0.0.1")
     _require(isinstance(host, str) and host != "", f"server.host = {host!r} is invalid: expected an address such as 127.0.0.1")
     tls = {key: _string(server, key, "server") for key in ("tls_cert_file", "tls_key_file", "tls_client_ca_file")}
@@ -522,6 +532,7 @@ def config_from_mapping(data: Mapping[str, Any]) -> ServerConfig:
         decode_threads=_positive_int(server, "decode_threads", 2, "server"),
         torch_threads=torch_threads,
         inference_cpus=_cpu_list(server, "inference_cpus", "server"),
+        grpc_thread_nice=grpc_thread_nice,
         models=models,
         limits=limits,
         admission=admission,
