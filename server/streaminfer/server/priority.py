@@ -30,7 +30,7 @@ import threading
 
 logger = logging.getLogger(__name__)
 
-# The names grpcio gives its threads (Linux truncates them to 15 bytes),
+# The names grpcio 1.85 gives its threads (Linux truncates them to 15 bytes),
 # and the end of the poller thread's Python name.
 GRPC_THREAD_NAMES = frozenset({"event_engine", "grpc_global_tim", "lifeguard"})
 GRPC_POLLER_SUFFIX = "(_poll_wrapper)"
