@@ -122,7 +122,7 @@ def test_config_default_and_bounds(tmp_path) -> None:
     assert load_config(None, {"grpc_thread_nice": 0}).grpc_thread_nice == 0
     assert load_config(None, {"grpc_thread_nice": 19}).grpc_thread_nice == 19
     for value in (-1, 20, 2.5, True, "5"):
-        with pytest.raises(ConfigError, match=r"server\.grpc_thread_nice = .* is invalid: expected nice levels from 0"):
+        with pytest.raises(ConfigError, match=r"server\.grpc_thread_nice = .* is invalid: expected a whole number of nice levels from 0"):
             load_config(None, {"grpc_thread_nice": value})
 
 
@@ -158,8 +158,25 @@ def test_server_lowers_grpc_threads(tmp_path, flag, expected) -> None:
         assert sum(nice != base for nice in others) <= 1, threads  # the poller thread, named "python"
         announced = [line for line in log if "I/O thread(s) run at nice" in line]
         assert bool(announced) == (expected > 0), log
+        if expected > 0:
+            assert f"run at nice {base + expected}, {expected} below the event loop's {base}" in announced[0]
+        else:
+            assert any("gRPC's threads keep the event loop's priority (server.grpc_thread_nice = 0)" in line for line in log)
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_loop_at_lowest_priority_turns_it_off(tmp_path, idle_thread, caplog, monkeypatch) -> None:
+    tasks = fake_tasks(tmp_path, {idle_thread.thread_id: "event_engine"})
+    before = priority.thread_nice(idle_thread.thread_id)
+    lowering = priority.GrpcThreadPriority(10, tasks)
+    monkeypatch.setattr(os, "getpriority", lambda which, who: 19)
+    assert lowering.lower() == 0
+    monkeypatch.undo()
+
+    assert lowering.failed
+    assert "the event loop already runs at nice 19" in caplog.text
+    assert priority.thread_nice(idle_thread.thread_id) == before

@@ -164,7 +164,8 @@ class StreaminferServer:
     def _lower_grpc_threads(self) -> None:
         """Run gRPC's threads below the event loop's priority, now and every PRIORITY_CHECK_S."""
         lowering = self.grpc_priority
-        if not lowering.active:
+        if lowering.offset == 0:
+            logger.info("gRPC's threads keep the event loop's priority (server.grpc_thread_nice = 0)")
             return
         if not priority.supported():
             logger.info("gRPC's threads keep the event loop's priority: thread priorities need Linux with /proc")
@@ -179,11 +180,16 @@ class StreaminferServer:
                 ", ".join(sorted(priority.GRPC_THREAD_NAMES)),
             )
             return
+        assert lowering.target is not None and lowering.loop_nice is not None
+        gap = lowering.target - lowering.loop_nice
         logger.info(
-            "gRPC's %d I/O thread(s) run at nice %d, %d below the event loop (server.grpc_thread_nice)",
+            "gRPC's %d I/O thread(s) run at nice %d, %d below the event loop's %d (server.grpc_thread_nice = %d%s)",
             lowered,
             lowering.target,
+            gap,
+            lowering.loop_nice,
             lowering.offset,
+            "" if gap == lowering.offset else ", cut short because nice values stop at 19",
         )
         self._priority_task = asyncio.create_task(self._keep_grpc_threads_lowered(), name="grpc-thread-priority")
 

@@ -504,8 +504,8 @@ def config_from_mapping(data: Mapping[str, Any]) -> ServerConfig:
     grpc_thread_nice = server.get("grpc_thread_nice", ServerConfig().grpc_thread_nice)
     _require(
         isinstance(grpc_thread_nice, int) and not isinstance(grpc_thread_nice, bool) and 0 <= grpc_thread_nice <= 19,
-        f"server.grpc_thread_nice = {grpc_thread_nice!r} is invalid: expected nice levels from 0 (leave gRPC's threads "
-        "at the event loop's priority) to 19",
+        f"server.grpc_thread_nice = {grpc_thread_nice!r} is invalid: expected a whole number of nice levels from 0 "
+        "(leave gRPC's threads at the event loop's priority) to 19, without quotes",
     )
     host = server.get("host", "127.0.0.1")
     _require(isinstance(host, str) and host != "", f"server.host = {host!r} is invalid: expected an address such as 127.0.0.1")

@@ -72,6 +72,8 @@ class GrpcThreadPriority:
 
     def __init__(self, offset: int, tasks: pathlib.Path = TASKS) -> None:
         self.offset = offset
+        # The event loop's nice value, and the one gRPC's threads get: offset above it, at most 19.
+        self.loop_nice: int | None = None
         self.target: int | None = None
         self.lowered: set[int] = set()
         self.failed = False
@@ -86,7 +88,11 @@ class GrpcThreadPriority:
         if not self.active:
             return 0
         if self.target is None:
-            self.target = min(19, os.getpriority(os.PRIO_PROCESS, 0) + self.offset)
+            self.loop_nice = os.getpriority(os.PRIO_PROCESS, 0)
+            self.target = min(19, self.loop_nice + self.offset)
+            if self.target <= self.loop_nice:
+                self._fail(f"the event loop already runs at nice {self.loop_nice}, the lowest priority")
+                return 0
         try:
             found = grpc_thread_ids(self._tasks) - self.lowered
         except OSError as error:
