@@ -284,8 +284,8 @@ def test_goodput_section_names_the_settings():
     assert "`admission.max_queue_wait_ms = 100`, the busy-fraction check off. Shedding only" in section
     assert "--inference-cpus" not in section
     assert "`admission.max_busy_fraction = 0.75`, `admission" in section
-    report["max_busy_fraction"] = 0.85
-    assert "`admission.max_busy_fraction = 0.85` (the default), `admission" in goodput.markdown(report)
+    report["max_busy_fraction"] = 0.8
+    assert "`admission.max_busy_fraction = 0.8` (the default), `admission" in goodput.markdown(report)
 
 
 def test_suite_limit_rows_name_pinning():

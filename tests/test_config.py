@@ -26,8 +26,8 @@ def test_default_config_loads() -> None:
 
 
 def test_busy_fraction_out_of_range_is_rejected(tmp_path) -> None:
-    assert load_config(None).admission.max_busy_fraction == 0.85
-    text = default_config_text().replace("max_busy_fraction = 0.85", "max_busy_fraction = 80")
+    assert load_config(None).admission.max_busy_fraction == 0.8
+    text = default_config_text().replace("max_busy_fraction = 0.8", "max_busy_fraction = 80")
     with pytest.raises(ConfigError) as error:
         load_config(write(tmp_path, text))
     assert "admission.max_busy_fraction = 80 is invalid: expected a fraction from 0 to 1 (0 turns it off)" in str(

@@ -95,7 +95,7 @@ class AdmissionConfig:
     # fraction over this: the share of time the event loop is busy instead
     # of waiting for network events, projected from its cost per open
     # stream. Linux only; 0 turns the check off.
-    max_busy_fraction: float = 0.85
+    max_busy_fraction: float = 0.8
     # Sent in grpc-retry-pushback-ms with every rejection for load.
     retry_pushback_ms: int = 1000
     # Learn a stream cap from overloads: when the projected wait passes
