@@ -144,4 +144,3 @@ def start_cli_server(args: list[str]) -> tuple[subprocess.Popen[str], int, list[
         server.kill()
         raise AssertionError("the server exited before listening:\n" + "".join(log))
     return server, int(match.group(1)), log
-

@@ -45,7 +45,7 @@ def idle_thread():
     thread.close()
 
 
-def test_poller_thread_is_found_by_its_python_name(monkeypatch, tmp_path) -> None:
+def test_poller_found_by_python_name(monkeypatch, tmp_path) -> None:
     poller = IdleThread("Thread-7 (_poll_wrapper)")
     try:
         monkeypatch.setattr(priority, "python_threads", lambda: [poller.thread])
@@ -62,14 +62,14 @@ def fake_tasks(root: pathlib.Path, names: dict[int, str]) -> pathlib.Path:
     return root
 
 
-def test_grpc_threads_are_found_by_name(tmp_path) -> None:
+def test_grpc_threads_found_by_name(tmp_path) -> None:
     tasks = fake_tasks(tmp_path, {101: "event_engine", 102: "python", 103: "lifeguard", 104: "grpc_global_tim"})
     found = priority.grpc_thread_ids(tasks)
     assert {101, 103, 104} <= found
     assert 102 not in found
 
 
-def test_lower_sets_the_nice_value_once(tmp_path, idle_thread) -> None:
+def test_lower_sets_nice_once(tmp_path, idle_thread) -> None:
     tasks = fake_tasks(tmp_path, {idle_thread.thread_id: "event_engine"})
     base = os.getpriority(os.PRIO_PROCESS, 0)
     lowering = priority.GrpcThreadPriority(3, tasks)
@@ -80,6 +80,17 @@ def test_lower_sets_the_nice_value_once(tmp_path, idle_thread) -> None:
     assert priority.thread_nice(threading.get_native_id()) == base
     # Known threads are not looked at again.
     assert lowering.lower() == 0
+
+
+def test_ended_threads_are_forgotten(tmp_path, idle_thread) -> None:
+    tasks = fake_tasks(tmp_path, {idle_thread.thread_id: "event_engine"})
+    lowering = priority.GrpcThreadPriority(2, tasks)
+    gone = 4_194_304 + 17  # past Linux's largest thread id, so no thread has it
+    lowering.lowered.add(gone)
+
+    assert lowering.lower() == 1
+    assert gone not in lowering.lowered
+    assert idle_thread.thread_id in lowering.lowered
 
 
 def test_nice_value_capped_at_19(tmp_path, idle_thread) -> None:
@@ -95,7 +106,7 @@ def test_ended_thread_is_skipped(tmp_path, idle_thread) -> None:
     ended.join()
     tasks = fake_tasks(tmp_path, {ended.native_id: "event_engine", idle_thread.thread_id: "event_engine"})
     lowering = priority.GrpcThreadPriority(2, tasks)
-    # The ended thread's id may have been given to a new thread; either way the live one is lowered.
+    # The ended thread's id may have been given to a new thread. Either way the live one is lowered.
     assert lowering.lower() in (1, 2)
     assert idle_thread.thread_id in lowering.lowered
     assert not lowering.failed
@@ -110,11 +121,11 @@ def test_zero_leaves_every_thread(tmp_path, idle_thread) -> None:
     assert priority.thread_nice(idle_thread.thread_id) == before
 
 
-def test_unreadable_thread_list_turns_it_off(tmp_path, caplog) -> None:
+def test_unreadable_task_list_disables(tmp_path, caplog) -> None:
     lowering = priority.GrpcThreadPriority(5, tmp_path / "missing")
     assert lowering.lower() == 0
     assert lowering.failed and not lowering.active
-    assert "set server.grpc_thread_nice = 0" in caplog.text
+    assert "Set server.grpc_thread_nice = 0 to skip this step" in caplog.text
 
 
 def test_config_default_and_bounds(tmp_path) -> None:
@@ -169,7 +180,7 @@ def test_server_lowers_grpc_threads(tmp_path, flag, expected) -> None:
             server.kill()
 
 
-def test_loop_at_lowest_priority_turns_it_off(tmp_path, idle_thread, caplog, monkeypatch) -> None:
+def test_loop_at_nice_19_disables(tmp_path, idle_thread, caplog, monkeypatch) -> None:
     tasks = fake_tasks(tmp_path, {idle_thread.thread_id: "event_engine"})
     before = priority.thread_nice(idle_thread.thread_id)
     lowering = priority.GrpcThreadPriority(10, tasks)

@@ -175,7 +175,7 @@ class StreaminferServer:
             return
         if not lowered:
             logger.warning(
-                "found none of gRPC's threads by name (%s); they keep the event loop's priority. "
+                "found none of gRPC's threads by name (%s), so they keep the event loop's priority. "
                 "Set server.grpc_thread_nice = 0 to skip the search",
                 ", ".join(sorted(priority.GRPC_THREAD_NAMES)),
             )

@@ -5,8 +5,8 @@ reads it, routes it and writes the response. gRPC's own threads (its event
 engine's pool, timer and lifeguard, and the completion-queue poller that
 grpc.aio starts) wake for each read and write. On a machine with few cores the
 kernel shares the CPUs evenly between all runnable threads, so each wake-up
-can push the event loop off its CPU while it holds work for hundreds of
-streams. Run at a lower priority (a higher nice value), those threads still
+can push the event loop off its CPU while work for hundreds of streams
+waits on it. Run at a lower priority (a higher nice value), those threads still
 get every CPU cycle the loop leaves, but no longer take the loop's.
 
 Measured on 2 cores with the load generator on the same machine, 64 streams
@@ -52,7 +52,6 @@ def grpc_thread_ids(tasks: pathlib.Path = TASKS) -> set[int]:
             continue  # the thread ended meanwhile
         if name in GRPC_THREAD_NAMES:
             found.add(int(task.name))
-    found.discard(None)  # type: ignore[arg-type]
     return found
 
 
@@ -62,10 +61,10 @@ def thread_nice(thread_id: int) -> int:
 
 
 class GrpcThreadPriority:
-    """Lowers the priority of gRPC's threads to ``offset`` nice levels below the event loop's.
+    """The lowering of gRPC's threads to ``offset`` nice levels below the event loop's.
 
-    Call ``lower`` on the event loop thread; it reads that thread's nice value
-    the first time. Threads that gRPC starts later inherit the nice value of
+    Call ``lower`` on the event loop thread: the first call reads that
+    thread's nice value. Threads that gRPC starts later inherit the nice value of
     the thread that starts them, usually one already lowered; ``lower`` called
     again catches the others.
     """
@@ -81,10 +80,11 @@ class GrpcThreadPriority:
 
     @property
     def active(self) -> bool:
+        """Return True while lowering is requested and has not failed."""
         return self.offset > 0 and not self.failed
 
     def lower(self) -> int:
-        """Lower the threads not lowered yet; return how many were lowered this time."""
+        """Lower the threads not lowered yet, and return how many were lowered this time."""
         if not self.active:
             return 0
         if self.target is None:
@@ -94,10 +94,13 @@ class GrpcThreadPriority:
                 self._fail(f"the event loop already runs at nice {self.loop_nice}, the lowest priority")
                 return 0
         try:
-            found = grpc_thread_ids(self._tasks) - self.lowered
+            current = grpc_thread_ids(self._tasks)
         except OSError as error:
-            self._fail(f"cannot list this process's threads ({error})")
+            self._fail(f"listing this process's threads failed ({error})")
             return 0
+        # Forget threads that ended, so that a new thread given a reused id is lowered too.
+        self.lowered &= current
+        found = current - self.lowered
         count = 0
         for thread_id in found:
             try:
@@ -115,11 +118,11 @@ class GrpcThreadPriority:
     def _fail(self, reason: str) -> None:
         self.failed = True
         logger.warning(
-            "gRPC's threads keep the event loop's priority: %s; set server.grpc_thread_nice = 0 to skip this step",
+            "gRPC's threads keep the event loop's priority: %s. Set server.grpc_thread_nice = 0 to skip this step",
             reason,
         )
 
 
 def supported() -> bool:
-    """True where thread nice values can be set: Linux, with /proc."""
+    """Return True where thread nice values can be set: Linux, with /proc."""
     return hasattr(os, "setpriority") and TASKS.is_dir()
