@@ -254,6 +254,8 @@ def sample_thread(work: Callable[[], object]) -> tuple[float, float]:
     from streaminfer.server.load import LoopSampler, open_thread_syscall
 
     working = threading.Event()
+    # Set once the thread has left epoll for its work, so that samples of the switch are left out.
+    at_work = threading.Event()
     stop = threading.Event()
     descriptors: list[int] = []
 
@@ -264,6 +266,7 @@ def sample_thread(work: Callable[[], object]) -> tuple[float, float]:
             selector.register(reader, selectors.EVENT_READ)
             while not stop.is_set():
                 if working.is_set():
+                    at_work.set()
                     work()
                 else:
                     selector.select(0.05)
@@ -279,6 +282,8 @@ def sample_thread(work: Callable[[], object]) -> tuple[float, float]:
             time.sleep(0.5)
             idle_samples, idle_busy = sampler.take()
             working.set()
+            assert at_work.wait(5)
+            sampler.take()
             time.sleep(0.5)
             work_samples, work_busy = sampler.take()
         finally:
