@@ -144,6 +144,11 @@ def samples(busy: int, total: int = 50) -> tuple[int, int]:
     return total, busy
 
 
+def grown(load: float, learned_at: float, fraction: float, idle: float = 0.0) -> float:
+    """Return the busy fraction that ``load`` (streams times their cost learned at ``learned_at``) makes at ``fraction``."""
+    return idle + load * (1 + load_module.COST_GROWTH * (fraction - learned_at))
+
+
 def test_busy_fraction_projects_cost_per_stream() -> None:
     from streaminfer.server.load import BusyMeter
 
@@ -156,18 +161,39 @@ def test_busy_fraction_projects_cost_per_stream() -> None:
         meter.add_check(*samples(0), streams=0.0, changed_streams=0)
     assert meter.idle_fraction == 0.0
     # A steady second at 100 streams with the loop busy 40 % of it: 0.004 per stream.
+    meter = BusyMeter(0.8)
     for _ in range(4):
         meter.add_check(*samples(20), streams=100.0, changed_streams=0)
     assert meter.fraction() == 0.4
     assert meter.steady_cost is not None and abs(meter.steady_cost - 0.004) < 1e-12
+    assert meter.steady_fraction == 0.4
+    # At the fraction it was learned at, the cost prices streams in proportion: 100 streams, 0.4.
+    assert abs(meter.project(99).projected - 0.4) < 1e-12
+    # 151 streams would be 0.604 in proportion; busier, each costs more.
     projection = meter.project(150)
-    assert abs(projection.projected - 0.604) < 1e-9
+    assert abs(projection.projected - grown(0.604, 0.4, projection.projected)) < 1e-9
+    assert 0.69 < projection.projected < 0.70
     assert projection.cold_start_limit is None
     assert projection.measured == 0.4
     assert projection.streams == 100.0
     # The projection never falls under what is measured.
     projection = meter.project(10)
     assert projection is not None and projection.projected == 0.4
+
+
+def test_busy_projection_past_what_the_loop_can_carry() -> None:
+    from streaminfer.server.load import BusyMeter
+
+    meter = BusyMeter(0.8)
+    for _ in range(4):
+        meter.add_check(*samples(20), streams=100.0, changed_streams=0)
+    # 1,000 streams at 0.004 each: no busy fraction up to 1 carries them, so
+    # they are priced at the cost they would have at 1, which projects over 1.
+    projection = meter.project(999)
+    assert abs(projection.projected - grown(4.0, 0.4, 1.0)) < 1e-9
+    # Up to where the load could still be carried, the projection rises with the streams.
+    fractions = [meter.project(streams).projected for streams in range(100, 1000, 50)]
+    assert fractions == sorted(fractions)
 
 
 def test_busy_burst_of_new_streams_keeps_steady_cost() -> None:
@@ -183,7 +209,7 @@ def test_busy_burst_of_new_streams_keeps_steady_cost() -> None:
         meter.add_check(*samples(30), streams=120.0, changed_streams=20)
     assert meter.steady_cost == steady
     projection = meter.project(180)
-    assert projection is not None and abs(projection.projected - 0.724) < 1e-9
+    assert abs(projection.projected - grown(0.724, 0.4, projection.projected)) < 1e-9
 
 
 def test_busy_cost_not_learned_when_saturated() -> None:
@@ -210,12 +236,23 @@ def test_busy_cost_learned_over_limit() -> None:
     assert meter.steady_cost is not None
     assert abs(meter.steady_cost - 0.004) < 1e-12
     # A burst let in 200 streams and the loop is busy 0.9 of the time, over the
-    # limit but short of saturation: the price rises toward 0.0045.
-    for _ in range(40):
+    # limit but short of saturation: the price rises toward 0.0045, most of
+    # the way in 5 s (20 checks), and all of it later.
+    for _ in range(20):
+        meter.add_check(*samples(45), streams=200.0, changed_streams=0)
+    assert 0.0042 < meter.steady_cost < 0.0045
+    for _ in range(400):
         meter.add_check(*samples(45), streams=200.0, changed_streams=0)
     assert abs(meter.steady_cost - 0.0045) < 1e-6
+    assert abs(meter.steady_fraction - 0.9) < 1e-6
     # Meanwhile the measured fraction itself keeps new streams out.
     assert meter.project(170).projected == 0.9
+    # Once those streams end, the cost learned at 0.9 is lowered for a quieter
+    # loop: 187 streams fit under the limit of 0.8, where 177 would at 0.0045 each.
+    meter.add_check(*samples(0), streams=0.0, changed_streams=200)
+    for _ in range(8):
+        meter.add_check(*samples(0), streams=0.0, changed_streams=0)
+    assert meter.project(186).projected < 0.8 < meter.project(187).projected
 
 
 def test_busy_cost_before_steady_second() -> None:
@@ -227,7 +264,7 @@ def test_busy_cost_before_steady_second() -> None:
         meter.add_check(*samples(15), streams=50.0, changed_streams=25)
     assert meter.steady_cost is None
     projection = meter.project(120)
-    assert projection is not None and abs(projection.projected - 0.726) < 1e-9
+    assert abs(projection.projected - grown(0.726, 0.3, projection.projected)) < 1e-9
     # Fewer than 8 streams on average: too few to price one, so only the measure counts.
     small = BusyMeter(0.8)
     for _ in range(4):

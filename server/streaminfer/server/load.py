@@ -10,13 +10,14 @@ Admission control compares the projection with its budget.
 
 Queue waits show an overload only once it has begun. The busy fraction shows
 it coming: the share of time the event loop thread spends on work instead of
-waiting for network events, which rises close to in proportion to the open
-streams up to saturation. A sampler thread reads the loop thread's current
-system call from /proc every few milliseconds; a sample is idle while the
-loop waits in epoll, and busy otherwise (running, waiting for a CPU or the
-GIL). Admission projects the fraction for one more stream from the cost per
-stream learned in steady seconds, so a fast ramp of new streams is stopped
-before they all start sending.
+waiting for network events, which rises with the open streams up to
+saturation, a little faster than in proportion. A sampler thread reads the
+loop thread's current system call from /proc every few milliseconds; a
+sample is idle while the loop waits in epoll, and busy otherwise (running,
+waiting for a CPU or the GIL). Admission projects the fraction for one more
+stream from the cost per stream learned in steady seconds, raised for a
+busier loop, so a fast ramp of new streams is stopped before they all start
+sending.
 
 Every ``CHECK_INTERVAL_S`` it also ends streams that passed a time limit
 (idle, maximum duration), aborts streams whose client stopped reading
@@ -91,9 +92,20 @@ STEADY_NEW_SHARE = 0.05
 # waiting, so the fraction no longer grows with the streams.
 COST_CEILING = 0.95
 # Weights per check of the exponential averages: the idle server's busy
-# fraction (while no stream is open) and the steady cost per stream.
+# fraction (while no stream is open) and the steady cost per stream. On the
+# 2-core test machine, at a steady load near the limit, the cost over one
+# second moves by 2 to 9 % (5 % on average) from one second to the next.
+# So the cost averages about the last 20 steady checks (5 s of steady load).
 IDLE_WEIGHT = 0.1
-COST_WEIGHT = 0.25
+COST_WEIGHT = 0.05
+# A stream costs more the busier the loop: the more work shares the CPUs and
+# the GIL, the longer the loop waits for them. The cost of a stream learned
+# at busy fraction b0 counts as cost * (1 + COST_GROWTH * (b - b0)) at
+# fraction b, so with 0.5 each 0.1 of busy fraction adds 5 %. On the 2-core
+# test machine, going from 0.49 to 0.8 raised the cost of a stream by 24 %
+# in one sweep (0.8 by this measure), and from 0.57 to 0.87 by 8 % in
+# another (0.27).
+COST_GROWTH = 0.5
 # Until the cost of a stream is known, at most this many streams, or twice
 # those open over the last second, are admitted: a burst that opens within
 # one check would be in before anything was measured.
@@ -290,6 +302,11 @@ class BusyMeter:
     and the ceiling it still prices streams fairly, so after a burst that let
     in more streams than the limit allows, the higher price lowers the count
     the next burst gets.
+
+    The busy fraction grows faster than the streams: each one waits longer
+    for the CPUs and the GIL the busier the process is. So the cost is kept
+    with the fraction it was learned at, and a projection to a higher
+    fraction raises it by ``COST_GROWTH`` per unit of fraction.
     """
 
     def __init__(self, limit: float) -> None:
@@ -299,6 +316,8 @@ class BusyMeter:
         self._checks: collections.deque[tuple[int, int, float, int]] = collections.deque(maxlen=BUSY_WINDOW_CHECKS)
         self.idle_fraction = 0.0
         self.steady_cost: float | None = None
+        # The busy fraction over the seconds steady_cost was learned from, averaged with the same weights.
+        self.steady_fraction = 0.0
 
     def add_check(self, samples: int, busy: int, streams: float, changed_streams: int) -> None:
         """Count one check's samples and busy samples, with the streams open during it and those admitted, rejected or ended."""
@@ -315,7 +334,11 @@ class BusyMeter:
             and measured <= max(self._limit, COST_CEILING)
         ):
             cost = self._cost_per_stream(measured, streams_open)
-            self.steady_cost = cost if self.steady_cost is None else self.steady_cost + COST_WEIGHT * (cost - self.steady_cost)
+            if self.steady_cost is None:
+                self.steady_cost, self.steady_fraction = cost, measured
+            else:
+                self.steady_cost += COST_WEIGHT * (cost - self.steady_cost)
+                self.steady_fraction += COST_WEIGHT * (measured - self.steady_fraction)
 
     def _cost_per_stream(self, measured: float, streams: float) -> float:
         """Return the busy fraction above the idle server's, divided over ``streams``."""
@@ -342,13 +365,27 @@ class BusyMeter:
         """
         measured = self.fraction() or 0.0
         streams = self.streams()
-        cost = self.steady_cost
+        cost, learned_at = self.steady_cost, self.steady_fraction
         if cost is None and streams >= PROJECT_MIN_STREAMS:
-            cost = self._cost_per_stream(measured, streams)
+            cost, learned_at = self._cost_per_stream(measured, streams), measured
         if cost is None:
             return BusyProjection(measured, measured, streams, max(COLD_START_STREAMS, int(2 * streams)))
-        projected = max(measured, self.idle_fraction + cost * (open_streams + 1))
+        projected = max(measured, self._fraction_with(open_streams + 1, cost, learned_at))
         return BusyProjection(measured, projected, streams)
+
+    def _fraction_with(self, streams: int, cost: float, learned_at: float) -> float:
+        """Return the busy fraction b with ``streams`` open, each costing ``cost`` learned at fraction ``learned_at``.
+
+        b solves b = idle + streams * cost * (1 + COST_GROWTH * (b - learned_at)).
+        Where the loop cannot carry the streams at any fraction, the cost at
+        a fraction of 1 prices them, which projects over 1.
+        """
+        load = streams * cost
+        left = 1.0 - load * COST_GROWTH
+        at_full = self.idle_fraction + load * (1.0 + COST_GROWTH * (1.0 - learned_at))
+        if left <= 0.0:
+            return at_full
+        return min(at_full, (self.idle_fraction + load * (1.0 - COST_GROWTH * learned_at)) / left)
 
 
 class LoadMonitor:
