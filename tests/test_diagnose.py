@@ -96,6 +96,7 @@ class Scenario:
     active: int = 8
     busy_fraction: float = 0.0
     max_busy_fraction: float = 0.75
+    busy_capacity: int = 0
     drops: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
     rejections: dict[str, int] = dataclasses.field(default_factory=dict)
     ended: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -153,6 +154,7 @@ def page(scenario: Scenario | None) -> str:
     writer.gauge("streaminfer_decode_queue_depth", 0)
     writer.gauge("streaminfer_busy_fraction", s.busy_fraction)
     writer.gauge("streaminfer_max_busy_fraction", s.max_busy_fraction)
+    writer.gauge("streaminfer_busy_capacity_streams", s.busy_capacity)
     return writer.text()
 
 
@@ -219,6 +221,17 @@ def test_synthetic_busy_loop_verdict() -> None:
     # The same wait with the loop under its limit is not put on the loop's busy fraction.
     report = report_on(Scenario(between=0.08, busy_fraction=0.5, max_busy_fraction=0.85))
     assert "near its limit" not in report["verdict"]["line"]
+
+
+def test_busy_capacity_in_the_busy_fraction_stage() -> None:
+    report = report_on(Scenario(busy_fraction=0.8, max_busy_fraction=0.8, busy_capacity=186))
+    assert report["saturation"]["busy_capacity_streams"] == 186
+    (stage,) = [entry for entry in report["saturation"]["stages"] if entry["stage"] == "event loop busy fraction"]
+    assert stage["detail"].endswith("at the cost per stream learned so far it allows 186 open streams")
+    # Before the cost is learned the gauge reads 0, and the detail leaves the count out.
+    report = report_on(Scenario(busy_fraction=0.3, max_busy_fraction=0.8))
+    (stage,) = [entry for entry in report["saturation"]["stages"] if entry["stage"] == "event loop busy fraction"]
+    assert "allows" not in stage["detail"]
 
 
 def test_synthetic_costly_frames_frame_rate() -> None:

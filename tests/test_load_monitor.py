@@ -157,6 +157,7 @@ def test_busy_fraction_projects_cost_per_stream() -> None:
     cold = meter.project(0)
     assert cold.measured == 0.0
     assert cold.cold_start_limit == 64
+    assert meter.capacity() is None
     for _ in range(8):
         meter.add_check(*samples(0), streams=0.0, changed_streams=0)
     assert meter.idle_fraction == 0.0
@@ -169,6 +170,9 @@ def test_busy_fraction_projects_cost_per_stream() -> None:
     assert meter.steady_fraction == 0.4
     # At the fraction it was learned at, the cost prices streams in proportion: 100 streams, 0.4.
     assert abs(meter.project(99).projected - 0.4) < 1e-12
+    # At 0.8 a stream costs 0.0048: 166 streams fit.
+    assert meter.capacity() == 166
+    assert meter.project(165).projected < 0.8 < meter.project(166).projected
     # 151 streams would be 0.604 in proportion; busier, each costs more.
     projection = meter.project(150)
     assert abs(projection.projected - grown(0.604, 0.4, projection.projected)) < 1e-9
@@ -253,6 +257,8 @@ def test_busy_cost_learned_over_limit() -> None:
     for _ in range(8):
         meter.add_check(*samples(0), streams=0.0, changed_streams=0)
     assert meter.project(186).projected < 0.8 < meter.project(187).projected
+    # The capacity reported is that count: 187 open, then the next is rejected.
+    assert meter.capacity() == 187
 
 
 def test_busy_cost_before_steady_second() -> None:
@@ -425,3 +431,54 @@ def test_busy_check_off_when_sampler_fails() -> None:
             await monitor.aclose()
 
     asyncio.run(scenario())
+
+
+@needs_sampling
+def test_busy_capacity_learned_from_real_streams(server) -> None:
+    """Twelve real-time VAD streams over loopback teach the server a cost per stream, which /metrics reports as a capacity."""
+    import re
+    import urllib.request
+
+    import grpc.aio
+    import numpy as np
+    from streamutil import vad_config
+
+    from streaminfer.v1 import streaminfer_pb2 as pb
+    from streaminfer.v1 import streaminfer_pb2_grpc as pb_grpc
+
+    streams, chunks, chunk_s = 12, 100, 0.032
+    tone = (np.sin(np.arange(512) * 0.05) * 8000).astype("<i2").tobytes()
+    readings: list[tuple[int | None, float]] = []
+
+    async def one_stream(stub: pb_grpc.InferenceServiceStub) -> None:
+        call = stub.Stream()
+        await call.write(pb.StreamRequest(config=vad_config(sample_rate=16_000)))
+        assert (await call.read()).HasField("session_accepted")
+        started = time.monotonic()
+        for index in range(chunks):
+            await asyncio.sleep(max(0.0, started + index * chunk_s - time.monotonic()))
+            await call.write(pb.StreamRequest(audio=pb.AudioChunk(sequence_number=index, audio_content=tone)))
+        await call.done_writing()
+        while await call.read() is not grpc.aio.EOF:
+            pass
+
+    async def scenario() -> None:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            tasks = [asyncio.create_task(one_stream(stub)) for _ in range(streams)]
+            # Read while all twelve are open: after 2.5 s, of which at least a second was steady.
+            await asyncio.sleep(2.5)
+            monitor = server.server.monitor
+            readings.append((monitor.busy_capacity(), monitor.busy.steady_fraction))
+            await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
+    (capacity, learned_at), = readings
+    assert capacity is not None and capacity > 0
+    assert 0.0 < learned_at < 1.0
+    # The gauge follows within its one-second sampling.
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10) as response:
+        page = response.read().decode()
+    match = re.search(r"(?m)^streaminfer_busy_capacity_streams (\S+)$", page)
+    assert match is not None
+    assert float(match.group(1)) > 0

@@ -108,6 +108,7 @@ M_CPU = "streaminfer_process_cpu_seconds_total"
 M_CPU_CORES = "streaminfer_cpu_cores"
 M_BUSY_FRACTION = "streaminfer_busy_fraction"
 M_MAX_BUSY_FRACTION = "streaminfer_max_busy_fraction"
+M_BUSY_CAPACITY = "streaminfer_busy_capacity_streams"
 M_DECODE_THREADS = "streaminfer_decode_threads"
 M_DECODE_BUSY = "streaminfer_decode_busy_seconds_total"
 M_DECODE_QUEUE_DEPTH = "streaminfer_decode_queue_depth"
@@ -507,13 +508,15 @@ def _saturation(window: Window, batches: list[dict[str, Any]]) -> dict[str, Any]
     )
     busy_fraction = window.gauge(M_BUSY_FRACTION)
     max_busy_fraction = window.gauge(M_MAX_BUSY_FRACTION)
+    busy_capacity = int(window.gauge(M_BUSY_CAPACITY))
     if max_busy_fraction > 0:
+        capacity = f"; at the cost per stream learned so far it allows {busy_capacity} open streams" if busy_capacity else ""
         entries.append(
             {
                 "stage": "event loop busy fraction",
                 "busy": busy_fraction,
                 "detail": f"the loop busy instead of waiting for the network; admission.max_busy_fraction "
-                f"{max_busy_fraction:g}",
+                f"{max_busy_fraction:g}{capacity}",
             }
         )
     entries.append(
@@ -530,6 +533,8 @@ def _saturation(window: Window, batches: list[dict[str, Any]]) -> dict[str, Any]
         # Over the last second before the second scrape; 0 when the server's busy-fraction check is off.
         "busy_fraction": busy_fraction,
         "max_busy_fraction": max_busy_fraction,
+        # Open streams the busy-fraction check allows at the learned cost per stream; 0 before it is learned.
+        "busy_capacity_streams": busy_capacity,
         "decode_threads": threads,
         "decode_busy": _busy(decode_busy_per_s, threads),
         "cpu_cores": cores,

@@ -31,6 +31,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import math
 import os
 import platform
 import random
@@ -373,6 +374,19 @@ class BusyMeter:
         projected = max(measured, self._fraction_with(open_streams + 1, cost, learned_at))
         return BusyProjection(measured, projected, streams)
 
+    def capacity(self) -> int | None:
+        """Return the most streams open at once that the steady cost keeps within the limit; None before it is learned.
+
+        n streams reach the limit L where L = idle + n * cost * (1 + COST_GROWTH * (L - learned_at)).
+        The measured fraction may reject streams before that count.
+        """
+        if self.steady_cost is None:
+            return None
+        price = self.steady_cost * (1.0 + COST_GROWTH * (self._limit - self.steady_fraction))
+        if price <= 0.0:
+            return None
+        return max(0, math.floor((self._limit - self.idle_fraction) / price + 1e-9))
+
     def _fraction_with(self, streams: int, cost: float, learned_at: float) -> float:
         """Return the busy fraction b with ``streams`` open, each costing ``cost`` learned at fraction ``learned_at``.
 
@@ -485,6 +499,12 @@ class LoadMonitor:
         if self._sampler is None:
             return None
         return self.busy.fraction()
+
+    def busy_capacity(self) -> int | None:
+        """Return the streams the busy-fraction check lets be open at once; None before the cost is learned or while not sampled."""
+        if self._sampler is None:
+            return None
+        return self.busy.capacity()
 
     def busy_projection(self) -> BusyProjection | None:
         """Project the busy fraction with one more stream; None while the busy fraction is not measured."""

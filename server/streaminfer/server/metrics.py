@@ -329,6 +329,12 @@ AUDIO_BACKLOG = Gauge(
     "Median over real-time audio streams of how far the server reads behind the client's pace.",
     multiprocess_mode="livemax",
 )
+BUSY_CAPACITY = Gauge(
+    "streaminfer_busy_capacity_streams",
+    "Open streams at which the busy-fraction check rejects the next one, from the cost per stream learned in steady "
+    "seconds; the measured fraction may reject sooner. 0 before the cost is learned or while the check is off.",
+    multiprocess_mode="livesum",
+)
 LEARNED_MAX_STREAMS = Gauge(
     "streaminfer_learned_max_streams",
     "The stream cap learned from overloads (admission.learn_max_streams); 0 while none.",
@@ -480,6 +486,7 @@ class Sampler:
         AUDIO_BACKLOG.set(self._monitor.audio_backlog_s)
         BUSY_FRACTION.set(self._monitor.busy_fraction() or 0.0)
         MAX_BUSY_FRACTION.set(self._monitor.busy_limit)
+        BUSY_CAPACITY.set(self._monitor.busy_capacity() or 0)
         LEARNED_MAX_STREAMS.set(self._monitor.learned_max_streams or 0)
 
         unhealthy = self._monitor.unhealthy_models
