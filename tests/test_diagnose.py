@@ -274,6 +274,10 @@ def test_synthetic_input_wait_named() -> None:
     stages = {stage["stage"]: stage["mean_s"] for stage in report["latency"][0]["stages"]}
     assert stages["input_wait"] == pytest.approx(0.032, rel=0.01)
     assert stages["event_loop_network"] == pytest.approx(0.001, rel=0.05)
+    # The stage rows line up, the longest name included: every share ends in the same column.
+    rows = [line for line in diagnose.render(report).splitlines() if line.startswith("    ") and line.endswith("%")]
+    assert any("waiting for more input" in row for row in rows)
+    assert len({len(row) for row in rows}) == 1
 
 
 def test_synthetic_healthy_server_has_no_bottleneck() -> None:

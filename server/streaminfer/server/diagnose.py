@@ -125,6 +125,7 @@ STAGE_NAMES = {
     "write": "write",
     "event_loop_network": "event loop/network",
 }
+STAGE_NAME_WIDTH = max(len(name) for name in STAGE_NAMES.values())
 
 
 class DiagnoseError(Exception):
@@ -925,7 +926,7 @@ def render(report: dict[str, Any]) -> str:
             f"p50 {p50}, p99 {p99}"
         )
         for stage in entry["stages"]:
-            lines.append(f"    {STAGE_NAMES[stage['stage']]:<20} {_ms(stage['mean_s']):>10}  {stage['share']:4.0%}")
+            lines.append(f"    {STAGE_NAMES[stage['stage']]:<{STAGE_NAME_WIDTH}} {_ms(stage['mean_s']):>10}  {stage['share']:4.0%}")
         if entry["stages_exceed_latency"]:
             lines.append("    (the stage means add up to more than the latency: items per chunk or batch differ from one)")
 
