@@ -223,7 +223,7 @@ def test_synthetic_busy_loop_verdict() -> None:
     assert "near its limit" not in report["verdict"]["line"]
 
 
-def test_busy_capacity_in_the_busy_fraction_stage() -> None:
+def test_busy_stage_shows_capacity() -> None:
     report = report_on(Scenario(busy_fraction=0.8, max_busy_fraction=0.8, busy_capacity=186))
     assert report["saturation"]["busy_capacity_streams"] == 186
     (stage,) = [entry for entry in report["saturation"]["stages"] if entry["stage"] == "event loop busy fraction"]

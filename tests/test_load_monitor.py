@@ -185,7 +185,7 @@ def test_busy_fraction_projects_cost_per_stream() -> None:
     assert projection is not None and projection.projected == 0.4
 
 
-def test_busy_projection_past_what_the_loop_can_carry() -> None:
+def test_busy_projection_over_full_loop() -> None:
     from streaminfer.server.load import BusyMeter
 
     meter = BusyMeter(0.8)
@@ -434,7 +434,7 @@ def test_busy_check_off_when_sampler_fails() -> None:
 
 
 @needs_sampling
-def test_busy_capacity_learned_from_real_streams(server) -> None:
+def test_busy_capacity_from_real_streams(server) -> None:
     """Twelve real-time VAD streams over loopback teach the server a cost per stream, which /metrics reports as a capacity."""
     import re
     import urllib.request
@@ -473,10 +473,11 @@ def test_busy_capacity_learned_from_real_streams(server) -> None:
             await asyncio.gather(*tasks)
 
     asyncio.run(scenario())
-    (capacity, learned_at), = readings
-    assert capacity is not None and capacity > 0
+    [(capacity, learned_at)] = readings
+    assert capacity is not None
+    assert capacity > 0
     assert 0.0 < learned_at < 1.0
-    # The gauge follows within its one-second sampling.
+    # The gauge is sampled once a second, so it has the value by now.
     with urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10) as response:
         page = response.read().decode()
     match = re.search(r"(?m)^streaminfer_busy_capacity_streams (\S+)$", page)

@@ -511,7 +511,9 @@ def _saturation(window: Window, batches: list[dict[str, Any]]) -> dict[str, Any]
     max_busy_fraction = window.gauge(M_MAX_BUSY_FRACTION)
     busy_capacity = int(window.gauge(M_BUSY_CAPACITY))
     if max_busy_fraction > 0:
-        capacity = f"; at the cost per stream learned so far it allows {busy_capacity} open streams" if busy_capacity else ""
+        capacity = ""
+        if busy_capacity:
+            capacity = f"; at the cost per stream learned so far it allows {busy_capacity} open streams"
         entries.append(
             {
                 "stage": "event loop busy fraction",
@@ -926,7 +928,8 @@ def render(report: dict[str, Any]) -> str:
             f"p50 {p50}, p99 {p99}"
         )
         for stage in entry["stages"]:
-            lines.append(f"    {STAGE_NAMES[stage['stage']]:<{STAGE_NAME_WIDTH}} {_ms(stage['mean_s']):>10}  {stage['share']:4.0%}")
+            name = STAGE_NAMES[stage["stage"]]
+            lines.append(f"    {name:<{STAGE_NAME_WIDTH}} {_ms(stage['mean_s']):>10}  {stage['share']:4.0%}")
         if entry["stages_exceed_latency"]:
             lines.append("    (the stage means add up to more than the latency: items per chunk or batch differ from one)")
 

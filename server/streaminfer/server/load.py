@@ -93,19 +93,16 @@ STEADY_NEW_SHARE = 0.05
 # waiting, so the fraction no longer grows with the streams.
 COST_CEILING = 0.95
 # Weights per check of the exponential averages: the idle server's busy
-# fraction (while no stream is open) and the steady cost per stream. On the
-# 2-core test machine, at a steady load near the limit, the cost over one
-# second moves by 2 to 9 % (5 % on average) from one second to the next.
-# So the cost averages about the last 20 steady checks (5 s of steady load).
+# fraction (while no stream is open) and the steady cost per stream. The
+# cost averages about the last 20 steady checks (5 s of steady load),
+# because near the limit the one-second cost moves by about 5 % from one
+# second to the next on the 2-core test machine.
 IDLE_WEIGHT = 0.1
 COST_WEIGHT = 0.05
-# A stream costs more the busier the loop: the more work shares the CPUs and
-# the GIL, the longer the loop waits for them. The cost of a stream learned
-# at busy fraction b0 counts as cost * (1 + COST_GROWTH * (b - b0)) at
-# fraction b, so with 0.5 each 0.1 of busy fraction adds 5 %. On the 2-core
-# test machine, going from 0.49 to 0.8 raised the cost of a stream by 24 %
-# in one sweep (0.8 by this measure), and from 0.57 to 0.87 by 8 % in
-# another (0.27).
+# A stream costs more the busier the loop, because all work waits longer
+# for the CPUs and the GIL. A cost learned at busy fraction b0 counts as
+# cost * (1 + COST_GROWTH * (b - b0)) at fraction b: 5 % per 0.1 with 0.5.
+# NOTE: an estimate. Four runs on the 2-core test machine measured 0.27 to 0.93.
 COST_GROWTH = 0.5
 # Until the cost of a stream is known, at most this many streams, or twice
 # those open over the last second, are admitted: a burst that opens within
@@ -317,7 +314,7 @@ class BusyMeter:
         self._checks: collections.deque[tuple[int, int, float, int]] = collections.deque(maxlen=BUSY_WINDOW_CHECKS)
         self.idle_fraction = 0.0
         self.steady_cost: float | None = None
-        # The busy fraction over the seconds steady_cost was learned from, averaged with the same weights.
+        # Busy fraction of the checks steady_cost was learned from, averaged with the same weights.
         self.steady_fraction = 0.0
 
     def add_check(self, samples: int, busy: int, streams: float, changed_streams: int) -> None:
@@ -375,14 +372,13 @@ class BusyMeter:
         return BusyProjection(measured, projected, streams)
 
     def capacity(self) -> int | None:
-        """Return the most streams open at once that the steady cost keeps within the limit; None before it is learned.
+        """Return the most open streams the steady cost keeps within the limit; None before the cost is learned.
 
-        n streams reach the limit L where L = idle + n * cost * (1 + COST_GROWTH * (L - learned_at)).
         The measured fraction may reject streams before that count.
         """
         if self.steady_cost is None:
             return None
-        price = self.steady_cost * (1.0 + COST_GROWTH * (self._limit - self.steady_fraction))
+        price = _cost_at(self.steady_cost, self.steady_fraction, self._limit)
         if price <= 0.0:
             return None
         return max(0, math.floor((self._limit - self.idle_fraction) / price + 1e-9))
@@ -390,16 +386,21 @@ class BusyMeter:
     def _fraction_with(self, streams: int, cost: float, learned_at: float) -> float:
         """Return the busy fraction b with ``streams`` open, each costing ``cost`` learned at fraction ``learned_at``.
 
-        b solves b = idle + streams * cost * (1 + COST_GROWTH * (b - learned_at)).
-        Where the loop cannot carry the streams at any fraction, the cost at
-        a fraction of 1 prices them, which projects over 1.
+        b solves b = idle + streams * _cost_at(cost, learned_at, b). Where no
+        b up to 1 carries the streams, they are priced at b = 1, which
+        projects over 1.
         """
         load = streams * cost
         left = 1.0 - load * COST_GROWTH
-        at_full = self.idle_fraction + load * (1.0 + COST_GROWTH * (1.0 - learned_at))
+        at_full = self.idle_fraction + streams * _cost_at(cost, learned_at, 1.0)
         if left <= 0.0:
             return at_full
         return min(at_full, (self.idle_fraction + load * (1.0 - COST_GROWTH * learned_at)) / left)
+
+
+def _cost_at(cost: float, learned_at: float, fraction: float) -> float:
+    """Return the cost of a stream at busy fraction ``fraction``, from ``cost`` learned at ``learned_at``."""
+    return cost * (1.0 + COST_GROWTH * (fraction - learned_at))
 
 
 class LoadMonitor:
@@ -501,7 +502,7 @@ class LoadMonitor:
         return self.busy.fraction()
 
     def busy_capacity(self) -> int | None:
-        """Return the streams the busy-fraction check lets be open at once; None before the cost is learned or while not sampled."""
+        """Return the most open streams the busy-fraction check allows; None before the cost is learned or while not sampled."""
         if self._sampler is None:
             return None
         return self.busy.capacity()
