@@ -8,7 +8,14 @@ load generator records whether it was admitted and the latency of every chunk
 from its scheduled send time to its ChunkAck. A stream meets its
 budget when it was admitted, every chunk was acknowledged, and at least 99 %
 of its chunks were acknowledged within ``--budget-ms``. Goodput is the number
-of streams that met their budget.
+of streams that met their budget. A rejected stream's rejection time runs
+from its call to the status.
+
+Before every offered load, with the server idle, the benchmark times a
+fixed pure-Python loop: the machine's speed then, against the fastest such
+probe of the run. The 2-core test machine, a shared virtual
+machine, ran such a loop up to 1.7 times slower for several seconds at a
+time while idle, and a level that ran during such a spell reads so.
 
 Three servers run the same sweep, one after the other, on this machine:
 
@@ -35,6 +42,7 @@ import datetime
 import json
 import pathlib
 import re
+import statistics
 import sys
 import tempfile
 import threading
@@ -57,6 +65,10 @@ RESULTS = REPO_ROOT / "bench-results"
 HEALTH_PROBE_INTERVAL_S = 0.1
 RSS_SAMPLE_INTERVAL_S = 0.5
 BUSY_SAMPLE_INTERVAL_S = 0.5
+# The speed probe: rounds of a fixed loop, this many additions each, a pause between rounds.
+SPEED_PROBE_ROUNDS = 9
+SPEED_PROBE_ADDITIONS = 100_000
+SPEED_PROBE_PAUSE_S = 0.02
 STREAMS_PER_CONNECTION = 10
 SECTION_START = "<!-- goodput:start -->"
 SECTION_END = "<!-- goodput:end -->"
@@ -111,6 +123,7 @@ async def offered_load(
         await asyncio.sleep(max(0.0, open_at - loop.time()))
         outcome = {"admitted": False, "met_budget": False, "rejected_code": None}
         outcomes.append(outcome)
+        call_started = loop.time()
         call = stub.Stream()
         try:
             await call.write(
@@ -125,9 +138,11 @@ async def offered_load(
         except grpc.aio.AioRpcError as error:
             outcome["rejected_code"] = error.code().name
             outcome["rejected_details"] = error.details()
+            outcome["rejected_after_s"] = loop.time() - call_started
             return
         if first is grpc.aio.EOF:
             outcome["rejected_code"] = (await call.code()).name
+            outcome["rejected_after_s"] = loop.time() - call_started
             return
         outcome["admitted"] = True
         start = loop.time()
@@ -195,6 +210,7 @@ async def offered_load(
         await channel.close()
     health = np.array(health_latencies) * 1000.0
     values = np.array(all_latencies) * 1000.0
+    rejection_ms = np.array([outcome["rejected_after_s"] for outcome in outcomes if "rejected_after_s" in outcome]) * 1000.0
     admitted = sum(1 for outcome in outcomes if outcome["admitted"])
     rejected: dict[str, int] = {}
     for outcome in outcomes:
@@ -217,7 +233,25 @@ async def offered_load(
         "health_failures": health_failures,
         "health_p99_ms": float(np.percentile(health, 99)) if len(health) else None,
         "health_max_ms": float(health.max()) if len(health) else None,
+        "rejection_p50_ms": float(np.percentile(rejection_ms, 50)) if len(rejection_ms) else None,
+        "rejection_max_ms": float(rejection_ms.max()) if len(rejection_ms) else None,
     }
+
+
+def speed_probe_ms() -> float:
+    """Return the median milliseconds of SPEED_PROBE_ROUNDS rounds of a fixed pure-Python loop.
+
+    Lower is faster. Run it while nothing else on the machine is busy.
+    """
+    rounds = []
+    for _ in range(SPEED_PROBE_ROUNDS):
+        started = time.perf_counter()
+        total = 0
+        for value in range(SPEED_PROBE_ADDITIONS):
+            total += value
+        rounds.append(time.perf_counter() - started)
+        time.sleep(SPEED_PROBE_PAUSE_S)
+    return 1000.0 * statistics.median(rounds)
 
 
 class RssSampler:
@@ -308,6 +342,7 @@ def run_sweep(
         try:
             for streams in levels:
                 print(f"[{label}] offering {streams} streams ...", flush=True)
+                probe_before_ms = speed_probe_ms()
                 started = time.monotonic()
                 cpu_before = server.cpu_seconds()
                 sampler = RssSampler(server.process.pid)
@@ -333,12 +368,17 @@ def run_sweep(
                     row["busy_fraction"] = busy.median_between(0.5 + args.ramp_s + 1.0, 0.5 + args.duration_s)
                 row["wall_seconds"] = round(time.monotonic() - started, 1)
                 row["server_cpu_percent"] = round(100 * (server.cpu_seconds() - cpu_before) / row["wall_seconds"])
+                row["speed_probe_ms"] = probe_before_ms
                 rows.append(row)
                 p99 = "-" if row["p99_ms"] is None else f"{row['p99_ms']:.0f} ms"
                 health = "-" if row["health_max_ms"] is None else f"{row['health_max_ms']:.0f} ms"
+                rejection = "" if row["rejection_max_ms"] is None else (
+                    f" (p50 {row['rejection_p50_ms']:.0f} ms, slowest {row['rejection_max_ms']:.0f} ms)"
+                )
                 print(
                     f"[{label}] {streams} offered: {row['admitted']} admitted, goodput {row['goodput']}, "
-                    f"p99 {p99}, rejected {row['rejected']}, slowest health check {health}, "
+                    f"p99 {p99}, rejected {row['rejected']}{rejection}, slowest health check {health}, "
+                    f"speed probe before it {row['speed_probe_ms']:.1f} ms, "
                     f"server RSS {row['server_rss_mib']} MiB"
                     + ("" if row.get("busy_fraction") is None else f", busy fraction {row['busy_fraction']:.2f}"),
                     flush=True,
@@ -404,7 +444,8 @@ def markdown(report: dict) -> str:
         "A stream meets its budget when it is admitted, every chunk is "
         f"acknowledged and 99 % of its chunks are acknowledged within {report['budget_ms']:g} ms of their scheduled "
         f"send time (the first {report['warmup_s']:g} s are not timed). Admission on: "
-        f"`admission.max_streams = {report['max_streams']}` (sized from this benchmark), "
+        f"`admission.max_streams = {report['max_streams']}` (sized from an earlier run of this benchmark; a fixed cap "
+        "does not follow the machine's speed), "
         f"`admission.max_queue_wait_ms = {report['max_queue_wait_ms']:g}`, "
         f"{on_busy}"
         "Shedding only: no configured stream cap, "
@@ -417,13 +458,18 @@ def markdown(report: dict) -> str:
         f"A health check goes to the server every {HEALTH_PROBE_INTERVAL_S * 1000:.0f} ms on its own connection; "
         "server RSS is the largest resident size sampled during the run. The busy fraction is the median of "
         f"`streaminfer_busy_fraction` read every {BUSY_SAMPLE_INTERVAL_S:g} s while every admitted stream was open "
-        "(a server with the check off does not measure it).",
+        "(a server with the check off does not measure it). A rejection's time runs from the call to its status. "
+        "Machine speed is measured with the server idle just before each offered load: the "
+        f"fastest probe of the run over this one (1.00 is the fastest; the probe is the median of {SPEED_PROBE_ROUNDS} "
+        f"rounds of {SPEED_PROBE_ADDITIONS:,} additions in pure Python).",
         "",
         "![goodput against offered streams](bench-results/goodput.svg)",
         "",
-        "| admission | offered | admitted | rejected | goodput | p50 ms | p99 ms | health p99 / max ms | busy fraction | server CPU % | server RSS MiB |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| admission | offered | admitted | rejected | rejection p50 / max ms | goodput | p50 ms | p99 ms "
+        "| health p99 / max ms | busy fraction | server CPU % | server RSS MiB | machine speed |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    fastest_ms = fastest_probe_ms(report)
     for mode, rows in report["sweeps"].items():
         label = MODES[mode].removeprefix("admission ")
         for row in rows:
@@ -434,9 +480,13 @@ def markdown(report: dict) -> str:
             if row["health_failures"]:
                 health += f" ({row['health_failures']} failed)"
             busy = "-" if row.get("busy_fraction") is None else f"{row['busy_fraction']:.2f}"
+            rejection = "-" if row.get("rejection_max_ms") is None else (
+                f"{row['rejection_p50_ms']:.0f} / {row['rejection_max_ms']:.0f}"
+            )
+            speed = f"{fastest_ms / row['speed_probe_ms']:.2f}"
             lines.append(
-                f"| {label} | {row['offered']} | {row['admitted']} | {rejected} | {row['goodput']} | {p50} | {p99} | "
-                f"{health} | {busy} | {row['server_cpu_percent']} | {row['server_rss_mib']} |"
+                f"| {label} | {row['offered']} | {row['admitted']} | {rejected} | {rejection} | {row['goodput']} | "
+                f"{p50} | {p99} | {health} | {busy} | {row['server_cpu_percent']} | {row['server_rss_mib']} | {speed} |"
             )
     summary = report["summary"]
     at_top = "; ".join(
@@ -447,10 +497,23 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         f"Peak goodput over all runs: {summary['peak_goodput']} streams. At the highest offered load "
-        f"({summary['top_offered']} streams): {at_top}.",
+        f"({summary['top_offered']} streams): {at_top}. {speed_range(report)}",
         SECTION_END,
     ]
     return "\n".join(lines)
+
+
+def fastest_probe_ms(report: dict) -> float:
+    """Return the fastest speed probe of every offered load in ``report``, milliseconds."""
+    return min((row["speed_probe_ms"] for rows in report["sweeps"].values() for row in rows), default=1.0)
+
+
+def speed_range(report: dict) -> str:
+    """Return a sentence on the slowest machine speed the run's probes saw, or nothing without probes."""
+    probes = [row["speed_probe_ms"] for rows in report["sweeps"].values() for row in rows]
+    if not probes:
+        return ""
+    return f"The machine's speed probes ranged from {min(probes) / max(probes):.2f} to 1.00 of the fastest."
 
 
 def write_markdown(path: pathlib.Path, section: str, start: str = SECTION_START, end: str = SECTION_END) -> None:

@@ -314,3 +314,40 @@ def test_suite_limit_rows_name_pinning():
     # Three decimals, so that a ratio just under the target does not read as meeting it.
     assert "| 0.848 | 0.85 | missed |" in default
     assert "| 0.848 | 0.85 | missed |" in pinned
+
+
+def test_goodput_row_rejection_and_speed():
+    import goodput
+
+    row = {
+        "offered": 600, "admitted": 190, "rejected": {"UNAVAILABLE": 410}, "goodput": 188,
+        "p50_ms": 40.0, "p99_ms": 103.0, "health_p99_ms": 88.0, "health_max_ms": 97.0, "health_failures": 0,
+        "busy_fraction": 0.86, "server_cpu_percent": 108, "server_rss_mib": 643.1,
+        "rejection_p50_ms": 312.4, "rejection_max_ms": 905.0, "speed_probe_ms": 7.5,
+    }  # fmt: skip
+    calm = dict(row, offered=200, admitted=200, rejected={}, goodput=200, rejection_p50_ms=None, rejection_max_ms=None,
+                speed_probe_ms=5.0)  # fmt: skip
+    report = {
+        "command": "python benchmarks/goodput.py", "machine": "test machine", "date": "2026-12-05",
+        "duration_s": 8.0, "ramp_s": 2.0, "warmup_s": 1.0, "chunk_ms": 32, "budget_ms": 150.0, "max_streams": 190,
+        "max_queue_wait_ms": 100.0, "max_busy_fraction": 0.8, "inference_cpus": "", "on_max_busy_fraction": 0.0,
+        "sweeps": {"shed": [calm, row]},
+        "summary": {"peak_goodput": 200, "top_offered": 600, "top": {}},
+    }  # fmt: skip
+    section = goodput.markdown(report)
+    # Speed is the fastest probe (5.0 ms) over the level's own: 5.0 / 7.5.
+    assert "| shedding only | 600 | 190 | 410 UNAVAILABLE | 312 / 905 | 188 | 40 | 103 | 88 / 97 | 0.86 | 108 | 643.1 | 0.67 |" in section
+    assert "| shedding only | 200 | 200 | 0 | - | 200 |" in section
+    assert section.rstrip().endswith("The machine's speed probes ranged from 0.67 to 1.00 of the fastest.\n" + goodput.SECTION_END)
+
+
+def test_speed_probe_takes_median_round(monkeypatch: pytest.MonkeyPatch):
+    import goodput
+
+    # Each round reads the clock twice: rounds of 1, 3 and 2 s.
+    clock = iter([0.0, 1.0, 10.0, 13.0, 20.0, 22.0])
+    monkeypatch.setattr(goodput.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(goodput, "SPEED_PROBE_ROUNDS", 3)
+    monkeypatch.setattr(goodput, "SPEED_PROBE_ADDITIONS", 10)
+    monkeypatch.setattr(goodput, "SPEED_PROBE_PAUSE_S", 0.0)
+    assert goodput.speed_probe_ms() == 2000.0
