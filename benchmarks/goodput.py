@@ -3,19 +3,20 @@
 Each offered load is a number of real-time VAD streams, opened over
 ``--ramp-s`` seconds, each running ``--duration-s`` seconds. They open in
 order, ten to a connection, so the streams admitted share connections alike
-at every offered load. Per stream, the
-load generator records whether it was admitted and the latency of every chunk
-from its scheduled send time to its ChunkAck. A stream meets its
-budget when it was admitted, every chunk was acknowledged, and at least 99 %
-of its chunks were acknowledged within ``--budget-ms``. Goodput is the number
-of streams that met their budget. A rejected stream's rejection time runs
-from its call to the status.
+at every offered load. Per stream, the load generator records whether it was
+admitted and the latency of every chunk from its scheduled send time to its
+ChunkAck. A stream meets its budget when it was admitted, every chunk was
+acknowledged, and at least 99 % of its chunks were acknowledged within
+``--budget-ms``. Goodput is the number of streams that met their budget. A
+rejected stream's rejection time runs from its call to the status, as the
+load generator sees it.
 
 Before every offered load, with the server idle, the benchmark times a
-fixed pure-Python loop: the machine's speed then, against the fastest such
-probe of the run. The 2-core test machine, a shared virtual
-machine, ran such a loop up to 1.7 times slower for several seconds at a
-time while idle, and a level that ran during such a spell reads so.
+fixed pure-Python loop (milliseconds a round; lower is faster). The table
+gives the machine's speed then as the fastest probe of the run over this
+one. While idle, the 2-core test machine (a shared virtual machine) ran such
+a loop up to 1.7 times slower for several seconds at a time. A probe shows
+such a slow spell only if it has begun when the level starts.
 
 Three servers run the same sweep, one after the other, on this machine:
 
@@ -70,6 +71,8 @@ SPEED_PROBE_ROUNDS = 9
 SPEED_PROBE_ADDITIONS = 100_000
 SPEED_PROBE_PAUSE_S = 0.02
 STREAMS_PER_CONNECTION = 10
+# The admission-on server's stream cap unless --max-streams sets another, sized from an earlier sweep.
+DEFAULT_MAX_STREAMS = 190
 SECTION_START = "<!-- goodput:start -->"
 SECTION_END = "<!-- goodput:end -->"
 
@@ -123,7 +126,7 @@ async def offered_load(
         await asyncio.sleep(max(0.0, open_at - loop.time()))
         outcome = {"admitted": False, "met_budget": False, "rejected_code": None}
         outcomes.append(outcome)
-        call_started = loop.time()
+        call_started = time.perf_counter()
         call = stub.Stream()
         try:
             await call.write(
@@ -138,11 +141,11 @@ async def offered_load(
         except grpc.aio.AioRpcError as error:
             outcome["rejected_code"] = error.code().name
             outcome["rejected_details"] = error.details()
-            outcome["rejected_after_s"] = loop.time() - call_started
+            outcome["rejected_after_s"] = time.perf_counter() - call_started
             return
         if first is grpc.aio.EOF:
             outcome["rejected_code"] = (await call.code()).name
-            outcome["rejected_after_s"] = loop.time() - call_started
+            outcome["rejected_after_s"] = time.perf_counter() - call_started
             return
         outcome["admitted"] = True
         start = loop.time()
@@ -373,12 +376,12 @@ def run_sweep(
                 p99 = "-" if row["p99_ms"] is None else f"{row['p99_ms']:.0f} ms"
                 health = "-" if row["health_max_ms"] is None else f"{row['health_max_ms']:.0f} ms"
                 rejection = "" if row["rejection_max_ms"] is None else (
-                    f" (p50 {row['rejection_p50_ms']:.0f} ms, slowest {row['rejection_max_ms']:.0f} ms)"
+                    f" (rejection time p50 {row['rejection_p50_ms']:.1f} ms, slowest {row['rejection_max_ms']:.1f} ms)"
                 )
                 print(
                     f"[{label}] {streams} offered: {row['admitted']} admitted, goodput {row['goodput']}, "
                     f"p99 {p99}, rejected {row['rejected']}{rejection}, slowest health check {health}, "
-                    f"speed probe before it {row['speed_probe_ms']:.1f} ms, "
+                    f"speed probe before it {row['speed_probe_ms']:.1f} ms a round (lower is faster), "
                     f"server RSS {row['server_rss_mib']} MiB"
                     + ("" if row.get("busy_fraction") is None else f", busy fraction {row['busy_fraction']:.2f}"),
                     flush=True,
@@ -431,6 +434,7 @@ def markdown(report: dict) -> str:
     pinned = f"Every server ran with `--inference-cpus {cpus}`. " if cpus else ""
     on_fraction = report.get("on_max_busy_fraction")
     on_busy = f"`admission.max_busy_fraction = {on_fraction:g}`. " if on_fraction else "the busy-fraction check off. "
+    on_busy += "A fixed cap does not follow the machine's speed. "
     lines = [
         SECTION_START,
         "## Goodput against offered load, admission control on and off",
@@ -444,8 +448,8 @@ def markdown(report: dict) -> str:
         "A stream meets its budget when it is admitted, every chunk is "
         f"acknowledged and 99 % of its chunks are acknowledged within {report['budget_ms']:g} ms of their scheduled "
         f"send time (the first {report['warmup_s']:g} s are not timed). Admission on: "
-        f"`admission.max_streams = {report['max_streams']}` (sized from an earlier run of this benchmark; a fixed cap "
-        "does not follow the machine's speed), "
+        f"`admission.max_streams = {report['max_streams']}`"
+        f"{' (sized from an earlier run of this benchmark)' if report['max_streams'] == DEFAULT_MAX_STREAMS else ''}, "
         f"`admission.max_queue_wait_ms = {report['max_queue_wait_ms']:g}`, "
         f"{on_busy}"
         "Shedding only: no configured stream cap, "
@@ -541,7 +545,10 @@ def main() -> int:
     parser.add_argument("--chunk-ms", type=int, default=32, help="audio per chunk, milliseconds (default: 32)")
     parser.add_argument("--budget-ms", type=float, default=150.0, help="per-chunk latency budget, milliseconds (default: 150)")
     parser.add_argument(
-        "--max-streams", type=int, default=190, help="admission.max_streams of the admission-on server (default: 190)"
+        "--max-streams",
+        type=int,
+        default=DEFAULT_MAX_STREAMS,
+        help=f"admission.max_streams of the admission-on server (default: {DEFAULT_MAX_STREAMS})",
     )
     parser.add_argument(
         "--max-queue-wait-ms",

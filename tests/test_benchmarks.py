@@ -276,16 +276,19 @@ def test_goodput_section_names_the_settings():
         "summary": {"peak_goodput": 0, "top_offered": 600, "top": {}},
     }
     section = goodput.markdown(report)
-    assert "`admission.max_queue_wait_ms = 100`, `admission.max_busy_fraction = 0.8`. Shedding only" in section
+    assert "`admission.max_busy_fraction = 0.8`. A fixed cap does not follow the machine's speed. Shedding only" in section
+    assert "`admission.max_streams = 190` (sized from an earlier run of this benchmark)," in section
     assert "Every server ran with `--inference-cpus 1`." in section
     report["on_max_busy_fraction"] = 0.0
     report["inference_cpus"] = ""
     section = goodput.markdown(report)
-    assert "`admission.max_queue_wait_ms = 100`, the busy-fraction check off. Shedding only" in section
+    assert "`admission.max_queue_wait_ms = 100`, the busy-fraction check off. A fixed cap" in section
     assert "--inference-cpus" not in section
     assert "`admission.max_busy_fraction = 0.75`, `admission" in section
     report["max_busy_fraction"] = 0.8
     assert "`admission.max_busy_fraction = 0.8` (the default), `admission" in goodput.markdown(report)
+    report["max_streams"] = 100
+    assert "`admission.max_streams = 100`, `admission" in goodput.markdown(report)
 
 
 def test_suite_limit_rows_name_pinning():
