@@ -354,3 +354,18 @@ def test_speed_probe_takes_median_round(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(goodput, "SPEED_PROBE_ADDITIONS", 10)
     monkeypatch.setattr(goodput, "SPEED_PROBE_PAUSE_S", 0.0)
     assert goodput.speed_probe_ms() == 2000.0
+
+
+def test_goodput_level_times_real_rejections():
+    import argparse
+
+    import goodput
+
+    args = argparse.Namespace(ramp_s=0.3, duration_s=1.5, warmup_s=0.5, budget_ms=150.0, chunk_ms=32, inference_cpus="")
+    (row,) = goodput.run_sweep("cap 2", goodput.server_config("on", 2, 0.0, 0.0), [12], args, measure_busy=False)
+    assert row["admitted"] == 2
+    assert row["rejected"] == {"UNAVAILABLE": 10}
+    assert row["unexpected_rejections"] == []
+    assert row["rejection_p50_ms"] > 0.0
+    assert row["rejection_max_ms"] >= row["rejection_p50_ms"]
+    assert row["speed_probe_ms"] > 0.0
