@@ -106,6 +106,18 @@ def test_projected_busy_fraction_rejects_new_stream(limited: ServerThread, monke
     assert service.rejected["UNAVAILABLE"] >= 1
 
 
+def test_busy_rejection_names_arrival_reserve(limited: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    from streaminfer.server.load import BusyProjection
+
+    service = limited.server.service
+    projection = BusyProjection(measured=0.3, projected=0.84, streams=90, arrivals_per_s=250.0, reserve=0.05)
+    monkeypatch.setattr(service, "busy_projection", lambda: projection)
+    with grpc.insecure_channel(limited.target) as channel:
+        error = rejection(channel, (("x-api-key", "overload-test"),))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "projects a busy fraction of 0.840 (0.050 of it kept free for the 250 new streams a second arriving)" in error.details()
+
+
 def test_cold_start_limit_rejects_burst(limited: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
     from streaminfer.server.load import BusyProjection
 

@@ -216,6 +216,30 @@ def test_busy_burst_of_new_streams_keeps_steady_cost() -> None:
     assert abs(projection.projected - grown(0.724, 0.4, projection.projected)) < 1e-9
 
 
+def test_busy_projection_keeps_room_for_arrivals() -> None:
+    from streaminfer.server.load import ARRIVAL_COST_S, ARRIVAL_RESERVE_MAX, BusyMeter
+
+    meter = BusyMeter(0.8)
+    for _ in range(8):
+        meter.add_check(*samples(20), streams=100.0, changed_streams=0)
+    still = meter.project(120).projected
+    assert meter.project(120).reserve == 0.0
+    # 10 streams arrive each quarter second: 40 a second, each keeping ARRIVAL_COST_S free.
+    for _ in range(4):
+        meter.add_check(*samples(20), streams=100.0, changed_streams=10, arrivals=10)
+    projection = meter.project(120)
+    assert projection.arrivals_per_s == 40.0
+    assert abs(projection.reserve - 40 * ARRIVAL_COST_S) < 1e-12
+    assert projection.reserve < ARRIVAL_RESERVE_MAX
+    assert abs(projection.projected - (still + projection.reserve)) < 1e-12
+    # 300 a second would keep 0.24 free; the reserve stops at ARRIVAL_RESERVE_MAX.
+    for _ in range(4):
+        meter.add_check(*samples(20), streams=100.0, changed_streams=75, arrivals=75)
+    assert meter.project(120).reserve == ARRIVAL_RESERVE_MAX
+    # The capacity is the count with nothing arriving.
+    assert meter.capacity() == 166
+
+
 def test_busy_cost_not_learned_when_saturated() -> None:
     from streaminfer.server.load import BusyMeter
 

@@ -94,7 +94,7 @@ class AdmissionConfig:
     # New streams get UNAVAILABLE when one more stream would raise the busy
     # fraction over this: the share of time the event loop is busy instead
     # of waiting for network events, projected from its cost per open
-    # stream. Linux only; 0 turns the check off.
+    # stream and the streams arriving. Linux only; 0 turns the check off.
     max_busy_fraction: float = 0.8
     # Sent in grpc-retry-pushback-ms with every rejection for load.
     retry_pushback_ms: int = 1000

@@ -178,12 +178,17 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                     "busy",
                 )
             if busy.projected > admission.max_busy_fraction:
+                arriving = (
+                    f" ({busy.reserve:.3f} of it kept free for the {busy.arrivals_per_s:.0f} new streams a second arriving)"
+                    if busy.reserve > 0
+                    else ""
+                )
                 raise Rejection(
                     grpc.StatusCode.UNAVAILABLE,
                     f"the server is near its limit: its event loop was busy {busy.measured:.3f} of the "
                     f"last second, and with {open_streams} streams open one more stream projects a busy fraction of "
-                    f"{busy.projected:.3f}, over its admission.max_busy_fraction of {admission.max_busy_fraction:g}; "
-                    f"retry after {pushback} ms or on another replica",
+                    f"{busy.projected:.3f}{arriving}, over its admission.max_busy_fraction of "
+                    f"{admission.max_busy_fraction:g}; retry after {pushback} ms or on another replica",
                     pushback,
                     "busy",
                 )
