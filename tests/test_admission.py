@@ -115,7 +115,7 @@ def test_busy_rejection_names_arrival_reserve(limited: ServerThread, monkeypatch
     with grpc.insecure_channel(limited.target) as channel:
         error = rejection(channel, (("x-api-key", "overload-test"),))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert "projects a busy fraction of 0.840 (0.050 of it kept free for the 250 new streams a second arriving)" in error.details()
+    assert "projects a busy fraction of 0.840 (including 0.050 kept for the 250 new streams a second arriving)" in error.details()
 
 
 def test_cold_start_limit_rejects_burst(limited: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:

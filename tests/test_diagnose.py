@@ -97,6 +97,7 @@ class Scenario:
     busy_fraction: float = 0.0
     max_busy_fraction: float = 0.75
     busy_capacity: int = 0
+    arrival_reserve: float = 0.0
     drops: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
     rejections: dict[str, int] = dataclasses.field(default_factory=dict)
     ended: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -155,6 +156,7 @@ def page(scenario: Scenario | None) -> str:
     writer.gauge("streaminfer_busy_fraction", s.busy_fraction)
     writer.gauge("streaminfer_max_busy_fraction", s.max_busy_fraction)
     writer.gauge("streaminfer_busy_capacity_streams", s.busy_capacity)
+    writer.gauge("streaminfer_busy_arrival_reserve", s.arrival_reserve)
     return writer.text()
 
 
@@ -232,6 +234,12 @@ def test_busy_stage_shows_capacity() -> None:
     report = report_on(Scenario(busy_fraction=0.3, max_busy_fraction=0.8))
     (stage,) = [entry for entry in report["saturation"]["stages"] if entry["stage"] == "event loop busy fraction"]
     assert "allows" not in stage["detail"]
+    assert "arriving" not in stage["detail"]
+    # While streams arrive, the room kept for them follows the count.
+    report = report_on(Scenario(busy_fraction=0.6, max_busy_fraction=0.8, busy_capacity=149, arrival_reserve=0.05))
+    assert report["saturation"]["busy_arrival_reserve"] == 0.05
+    (stage,) = [entry for entry in report["saturation"]["stages"] if entry["stage"] == "event loop busy fraction"]
+    assert stage["detail"].endswith("allows 149 open streams; 0.050 of the loop kept for new streams arriving, so a burst stops sooner")
 
 
 def test_synthetic_costly_frames_frame_rate() -> None:

@@ -109,6 +109,7 @@ M_CPU_CORES = "streaminfer_cpu_cores"
 M_BUSY_FRACTION = "streaminfer_busy_fraction"
 M_MAX_BUSY_FRACTION = "streaminfer_max_busy_fraction"
 M_BUSY_CAPACITY = "streaminfer_busy_capacity_streams"
+M_BUSY_ARRIVAL_RESERVE = "streaminfer_busy_arrival_reserve"
 M_DECODE_THREADS = "streaminfer_decode_threads"
 M_DECODE_BUSY = "streaminfer_decode_busy_seconds_total"
 M_DECODE_QUEUE_DEPTH = "streaminfer_decode_queue_depth"
@@ -510,10 +511,13 @@ def _saturation(window: Window, batches: list[dict[str, Any]]) -> dict[str, Any]
     busy_fraction = window.gauge(M_BUSY_FRACTION)
     max_busy_fraction = window.gauge(M_MAX_BUSY_FRACTION)
     busy_capacity = int(window.gauge(M_BUSY_CAPACITY))
+    arrival_reserve = window.gauge(M_BUSY_ARRIVAL_RESERVE)
     if max_busy_fraction > 0:
         capacity = ""
         if busy_capacity:
             capacity = f"; at the cost per stream learned so far it allows {busy_capacity} open streams"
+        if arrival_reserve > 0:
+            capacity += f"; {arrival_reserve:.3f} of the loop kept for new streams arriving, so a burst stops sooner"
         entries.append(
             {
                 "stage": "event loop busy fraction",
@@ -538,6 +542,8 @@ def _saturation(window: Window, batches: list[dict[str, Any]]) -> dict[str, Any]
         "max_busy_fraction": max_busy_fraction,
         # Open streams the busy-fraction check allows at the learned cost per stream; 0 before it is learned.
         "busy_capacity_streams": busy_capacity,
+        # Share of the loop the busy-fraction check keeps for new streams arriving; 0 with none arriving.
+        "busy_arrival_reserve": arrival_reserve,
         "decode_threads": threads,
         "decode_busy": _busy(decode_busy_per_s, threads),
         "cpu_cores": cores,

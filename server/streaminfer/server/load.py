@@ -106,8 +106,8 @@ COST_WEIGHT = 0.05
 # NOTE: an estimate. Four runs on the 2-core test machine measured 0.27 to 0.93.
 COST_GROWTH = 0.5
 # Event loop seconds each new stream costs as it arrives, admitted or
-# rejected: gRPC sets up the call and the server reads its config and
-# answers. While streams arrive, admission keeps that share of the loop free
+# rejected: gRPC sets up the call and the server reads its config and sends
+# the first reply or the rejection. While streams arrive, admission keeps that share of the loop free
 # for the arrivals of the last second, up to ARRIVAL_RESERVE_MAX: a burst's
 # streams are all admitted before its rejections begin, and a loop left
 # without room for those rejections pushes the admitted streams over their
@@ -543,10 +543,12 @@ class LoadMonitor:
         return self.busy.capacity()
 
     def busy_arrival_reserve(self) -> float | None:
-        """Return the share of the loop the busy-fraction check keeps free for arriving streams; None while not sampled."""
-        if self._sampler is None:
-            return None
-        return self.busy.arrival_reserve()
+        """Return the share of the loop the busy-fraction check keeps for arriving streams; None while not sampled.
+
+        It is 0 before the cost of a stream is known, when projections do not apply it.
+        """
+        projection = self.busy_projection()
+        return None if projection is None else projection.reserve
 
     def busy_projection(self) -> BusyProjection | None:
         """Project the busy fraction with one more stream; None while the busy fraction is not measured."""

@@ -332,13 +332,14 @@ AUDIO_BACKLOG = Gauge(
 BUSY_CAPACITY = Gauge(
     "streaminfer_busy_capacity_streams",
     "Open streams at which the busy-fraction check rejects the next one, from the cost per stream learned in steady "
-    "seconds; the measured fraction may reject sooner. 0 before the cost is learned or while the check is off.",
+    "seconds, with no new streams arriving; the measured fraction, or the room kept for arriving streams, may reject "
+    "sooner. 0 before the cost is learned or while the check is off.",
     multiprocess_mode="livesum",
 )
 BUSY_ARRIVAL_RESERVE = Gauge(
     "streaminfer_busy_arrival_reserve",
     "Share of the event loop the busy-fraction check keeps free for the new streams that arrived over the last "
-    "second, admitted or rejected, at most 0.05; 0 while the check is off.",
+    "second, admitted or rejected, at most 0.05; 0 before the cost of a stream is learned or while the check is off.",
     multiprocess_mode="livemax",
 )
 LEARNED_MAX_STREAMS = Gauge(
@@ -493,7 +494,7 @@ class Sampler:
         BUSY_FRACTION.set(self._monitor.busy_fraction() or 0.0)
         MAX_BUSY_FRACTION.set(self._monitor.busy_limit)
         BUSY_CAPACITY.set(self._monitor.busy_capacity() or 0)
-        BUSY_ARRIVAL_RESERVE.set(self._monitor.busy_arrival_reserve() or 0.0)
+        BUSY_ARRIVAL_RESERVE.set(round(self._monitor.busy_arrival_reserve() or 0.0, 4))
         LEARNED_MAX_STREAMS.set(self._monitor.learned_max_streams or 0)
 
         unhealthy = self._monitor.unhealthy_models

@@ -179,8 +179,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 )
             if busy.projected > admission.max_busy_fraction:
                 arriving = (
-                    f" ({busy.reserve:.3f} of it kept free for the {busy.arrivals_per_s:.0f} new streams a second arriving)"
-                    if busy.reserve > 0
+                    f" (including {busy.reserve:.3f} kept for the {busy.arrivals_per_s:.0f} new streams a second arriving)"
+                    if busy.reserve > 0 and busy.projected > busy.measured
                     else ""
                 )
                 raise Rejection(
