@@ -339,6 +339,20 @@ def test_synthetic_busy_fraction_is_a_finding() -> None:
     assert "event loop busy fraction        -  not measured: admission.max_busy_fraction is 0" in diagnose.render(quiet)
 
 
+def test_rejecting_for_load_is_capacity() -> None:
+    # Chunks acked in 9 ms while the busy-fraction check rejects streams: admission keeps the latency low.
+    report = report_on(Scenario(busy_fraction=0.78, max_busy_fraction=0.8, rejections={"busy": 40}))
+    verdict = report["verdict"]
+    assert verdict["kind"] == "capacity"
+    assert verdict["line"].startswith("the server is at its admission limit and keeps its latency: 40 streams rejected")
+    assert "(busy 40)" in verdict["line"]
+    assert "add workers" in verdict["change"]
+    # The same latency with no rejection: no bottleneck.
+    assert report_on(Scenario(busy_fraction=0.3, max_busy_fraction=0.8))["verdict"]["kind"] == "none"
+    # A rate limit is the client's quota, not load.
+    assert report_on(Scenario(busy_fraction=0.3, rejections={"rate_limit": 40}))["verdict"]["kind"] != "capacity"
+
+
 def test_latency_breakdown_adds_up() -> None:
     scenario = Scenario(decode_wait=0.002, decode=0.003, queue_wait=0.010, inference=0.020, postprocess=0.001, write=0.004, between=0.008)
     report = report_on(scenario)

@@ -683,6 +683,20 @@ def _verdict(report: dict[str, Any]) -> dict[str, Any]:
             model,
         )
 
+    # Healthy but for streams rejected for load: admission keeps the latency
+    # low, and no stage needs a change.
+    if load_rejected and focus["mean_s"] < HEALTHY_LATENCY_S and worst_drop < HEALTHY_DROP_SHARE:
+        reasons = [r for r in report["rejections"] if r["reason"] in LOAD_REJECTIONS]
+        named = ", ".join(f"{r['reason']} {r['count']:.0f}" for r in reasons)
+        return verdict(
+            "capacity",
+            f"the server is at its admission limit and keeps its latency: {load_rejected:.0f} streams rejected for "
+            f"load ({named}) while {model} answers in {_ms(focus['mean_s'])} mean, p99 {_ms(focus['p99_s'])}",
+            "for more streams add workers (serve --workers N) or replicas; raise the limit that rejects them only "
+            "if p99 stays well within the budget at the higher load",
+            model,
+        )
+
     parts = {stage["stage"]: stage["mean_s"] for stage in focus["stages"]}
     groups = {
         "decode": parts["decode_wait"] + parts["decode"],
