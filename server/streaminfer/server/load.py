@@ -111,10 +111,11 @@ COST_GROWTH = 0.5
 # for the arrivals of the last second, up to ARRIVAL_RESERVE_MAX: a burst's
 # streams are all admitted before its rejections begin, and a loop left
 # without room for those rejections pushes the admitted streams over their
-# budget. The cap keeps a fast burst from shutting out most of it: with 0.1,
-# two of six sweeps on the 2-core test machine kept under 0.9 of the streams
-# admission off carried at 3 times capacity; with 0.05, none of four did, and
-# in neither did admitted streams miss their budget.
+# budget. The cap keeps a fast burst from shutting out most of it: at 3
+# times capacity on the 2-core test machine, with 0.1 two of six sweeps kept
+# under 0.9 of the streams admission off carried (0.855, 0.88), with 0.05 two
+# of nine (0.84, and 0.63 where admission off carried 300), and no admitted
+# streams missed their budget with either.
 # NOTE: estimates. The 2-core test machine spent 0.73 to 0.92 ms of event
 # loop CPU per rejected stream; a faster machine spends less.
 ARRIVAL_COST_S = 0.0008
