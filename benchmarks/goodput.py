@@ -507,14 +507,19 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def speed_probes_ms(report: dict) -> list[float]:
+    """Return the speed probe of every offered load in ``report``, milliseconds."""
+    return [row["speed_probe_ms"] for rows in report["sweeps"].values() for row in rows]
+
+
 def fastest_probe_ms(report: dict) -> float:
     """Return the fastest speed probe of every offered load in ``report``, milliseconds."""
-    return min((row["speed_probe_ms"] for rows in report["sweeps"].values() for row in rows), default=1.0)
+    return min(speed_probes_ms(report), default=1.0)
 
 
 def speed_range(report: dict) -> str:
     """Return a sentence on the slowest machine speed the run's probes saw, or nothing without probes."""
-    probes = [row["speed_probe_ms"] for rows in report["sweeps"].values() for row in rows]
+    probes = speed_probes_ms(report)
     if not probes:
         return ""
     return f"The machine's speed probes ranged from {min(probes) / max(probes):.2f} to 1.00 of the fastest."

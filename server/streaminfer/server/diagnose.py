@@ -542,7 +542,7 @@ def _saturation(window: Window, batches: list[dict[str, Any]]) -> dict[str, Any]
         "max_busy_fraction": max_busy_fraction,
         # Open streams the busy-fraction check allows at the learned cost per stream; 0 before it is learned.
         "busy_capacity_streams": busy_capacity,
-        # Share of the loop the busy-fraction check keeps for new streams arriving; 0 with none arriving.
+        # Share of the loop the busy-fraction check keeps for new streams arriving; 0 while none arrive.
         "busy_arrival_reserve": arrival_reserve,
         "decode_threads": threads,
         "decode_busy": _busy(decode_busy_per_s, threads),

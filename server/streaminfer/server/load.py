@@ -106,18 +106,18 @@ COST_WEIGHT = 0.05
 # NOTE: an estimate. Four runs on the 2-core test machine measured 0.27 to 0.93.
 COST_GROWTH = 0.5
 # Event loop seconds each new stream costs as it arrives, admitted or
-# rejected: gRPC sets up the call and the server reads its config and sends
-# the first reply or the rejection. While streams arrive, admission keeps that share of the loop free
-# for the arrivals of the last second, up to ARRIVAL_RESERVE_MAX: a burst's
-# streams are all admitted before its rejections begin, and a loop left
-# without room for those rejections pushes the admitted streams over their
-# budget. The cap keeps a fast burst from shutting out most of it: at 3
-# times capacity on the 2-core test machine, with 0.1 two of six sweeps kept
-# under 0.9 of the streams admission off carried (0.855, 0.88), with 0.05 two
-# of nine (0.84, and 0.63 where admission off carried 300), and no admitted
-# streams missed their budget with either.
+# rejected: gRPC sets up the call, and the server reads its config and sends
+# the first reply or the rejection. A projection keeps this much of the loop
+# free per stream that arrived in the last second, up to ARRIVAL_RESERVE_MAX.
+# The room is needed because a burst's streams are all admitted before its
+# rejections begin, and rejections on a full loop push the admitted streams
+# over their budget. The cap keeps a fast burst from shutting most of it out.
+# At 3 times capacity on the 2-core test machine, no admitted streams missed
+# their budget with a cap of 0.1 or 0.05. With 0.1, two of six sweeps kept
+# under 0.9 of the streams admission off carried (0.855, 0.88); with 0.05,
+# two of nine did (0.84, and 0.63 where admission off carried 300).
 # NOTE: estimates. The 2-core test machine spent 0.73 to 0.92 ms of event
-# loop CPU per rejected stream; a faster machine spends less.
+# loop CPU per rejected stream, and a faster machine spends less.
 ARRIVAL_COST_S = 0.0008
 ARRIVAL_RESERVE_MAX = 0.05
 # Until the cost of a stream is known, at most this many streams, or twice
@@ -340,8 +340,11 @@ class BusyMeter:
         self.steady_fraction = 0.0
 
     def add_check(self, samples: int, busy: int, streams: float, changed_streams: int, arrivals: int = 0) -> None:
-        """Count one check's samples and busy samples, the streams open during it, those admitted, rejected or ended,
-        and those that arrived (admitted or rejected)."""
+        """Count one check's samples, busy samples and open streams, with the streams that changed and arrived.
+
+        ``changed_streams`` counts those admitted, rejected or ended during
+        the check, and ``arrivals`` those admitted or rejected.
+        """
         self._checks.append((samples, busy, streams, changed_streams, arrivals))
         changes = sum(check[3] for check in self._checks)
         measured, streams_open = self.fraction(), self.streams()
@@ -382,10 +385,6 @@ class BusyMeter:
             return 0.0
         return sum(check[4] for check in self._checks) / (len(self._checks) * CHECK_INTERVAL_S)
 
-    def arrival_reserve(self) -> float:
-        """Return the share of the loop a projection keeps free for the streams arriving."""
-        return min(ARRIVAL_RESERVE_MAX, self.arrivals_per_s() * ARRIVAL_COST_S)
-
     def project(self, open_streams: int) -> BusyProjection:
         """Project the busy fraction with one stream more than ``open_streams``.
 
@@ -402,9 +401,10 @@ class BusyMeter:
             cost, learned_at = self._cost_per_stream(measured, streams), measured
         if cost is None:
             return BusyProjection(measured, measured, streams, max(COLD_START_STREAMS, int(2 * streams)))
-        reserve = self.arrival_reserve()
+        arrivals = self.arrivals_per_s()
+        reserve = min(ARRIVAL_RESERVE_MAX, arrivals * ARRIVAL_COST_S)
         projected = max(measured, self._fraction_with(open_streams + 1, cost, learned_at) + reserve)
-        return BusyProjection(measured, projected, streams, arrivals_per_s=self.arrivals_per_s(), reserve=reserve)
+        return BusyProjection(measured, projected, streams, arrivals_per_s=arrivals, reserve=reserve)
 
     def capacity(self) -> int | None:
         """Return the most open streams the steady cost keeps within the limit; None before the cost is learned.
