@@ -35,10 +35,12 @@ TEXT = MEDIA / "text" / "gpl3_preamble.txt"
 TEXT_WORDS_PER_MINUTE = 3600
 # On a 2-core machine, hog_people took about 0.18 s and haar_faces about
 # 0.23 s per 768x576 frame of vtest.avi (the server's INFO log of one demo
-# run), so the detectors keep up with about 4 frames per second there. At the
-# file's 10 frames per second the video results lagged the media by 10 to 20 s
-# on that machine. Pass --video-fps 10 to send every frame.
-DEFAULT_VIDEO_FPS = 4.0
+# run), so the detectors keep up with at most about 4 frames per second
+# there, and with other work on the machine, fewer. The demo sends 2, so its
+# frames are not replaced by newer ones (keep-latest) on a busy machine. At
+# the file's 10 frames per second the video results lagged the media by 10
+# to 20 s on that machine. Pass --video-fps 10 to send every frame.
+DEFAULT_VIDEO_FPS = 2.0
 SERVER_START_TIMEOUT_S = 300
 
 

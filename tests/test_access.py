@@ -488,6 +488,9 @@ def test_client_key_prefers_accepted_key() -> None:
     assert "key-a" not in by_key
     assert unknown_key == "peer:10.0.0.7"
     assert limits.client_key(None, "ipv4:10.0.0.7:41002") == "peer:10.0.0.7"
+    # Messages name what the limit is keyed on; without an accepted key that is the address.
+    assert limits.describe_client(by_key) == "this client's API key"
+    assert limits.describe_client(unknown_key) == "this client's address (10.0.0.7)"
 
 
 @pytest.mark.parametrize(

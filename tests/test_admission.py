@@ -59,8 +59,10 @@ def test_stream_rate_limit_per_key(limited: ServerThread) -> None:
         error = rejection(channel, key)
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "rate_limits.streams_per_second" in error.details()
+        assert error.details().startswith("this client's API key is over its limit of 0.5 new streams per second")
         # One token per 2 s at 0.5 streams/s: the pushback is up to 2000 ms.
         assert 0 < pushback_ms(error) <= 2000
+        assert error.details().endswith(f"retry in {pushback_ms(error)} ms")
         # Another key has its own bucket.
         outcome = run_stream(channel, vad_config(), [], metadata=(("x-api-key", "another-client"),))
         assert outcome.end is not None
@@ -78,7 +80,7 @@ def test_chunks_over_rate_are_reported(limited: ServerThread) -> None:
     assert 0 not in limited_chunks
     assert outcome.answered(pb.MODALITY_AUDIO) == list(range(60))
     for error in outcome.errors:
-        assert "chunks-per-second limit" in error.message
+        assert "chunks-per-second limit of this client's API key" in error.message
 
 
 def test_projected_wait_rejects_new_stream(limited: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,3 +161,13 @@ def test_rejection_log_flushes_held_back_burst(caplog: pytest.LogCaptureFixture)
     assert lines[1].startswith("rejected 3 new stream(s) since the last report (busy 2, queue_wait 1)")
     assert lines[1].endswith("the latest with UNAVAILABLE: near its limit")
     assert len(lines) == 2
+
+
+def test_start_up_line_names_rate_limits() -> None:
+    from streaminfer.server.app import describe_rate_limits
+
+    assert describe_rate_limits(RateLimitConfig(), by_api_key=False) == "off"
+    both = RateLimitConfig(streams_per_second=0.5, chunks_per_second=20)
+    assert describe_rate_limits(both, by_api_key=True) == "0.5 streams per second and 20 chunks per second per API key"
+    chunks = RateLimitConfig(chunks_per_second=40)
+    assert describe_rate_limits(chunks, by_api_key=False) == "40 chunks per second per client address"

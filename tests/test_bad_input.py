@@ -72,6 +72,41 @@ def test_sample_rate_zero(channel) -> None:
     assert "sample_rate_hertz = 0" in error.details()
 
 
+@pytest.mark.parametrize("field", ["audio_format", "video_format"])
+def test_undefined_encoding(channel, field: str) -> None:
+    config = vad_config() if field == "audio_format" else video_config()
+    # 99 is no value of AudioEncoding or ImageEncoding; an older client could send one a newer server dropped.
+    getattr(config, field).encoding = 99
+    with HealthyNeighbour(channel):
+        error = stream_status(channel, [pb.StreamRequest(config=config)])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"config.{field}.encoding = 99 is not" in error.details()
+
+
+def test_decoding_bug_fails_only_its_chunk(channel, monkeypatch: pytest.MonkeyPatch) -> None:
+    from streaminfer.server import session as session_module
+
+    decode_audio = session_module.decode_audio
+
+    def decode_with_bug(content: bytes, encoding: int, channels: int) -> np.ndarray:
+        if content.startswith(b"BUG!"):
+            raise KeyError("a bug in decoding")
+        return decode_audio(content, encoding, channels)
+
+    monkeypatch.setattr(session_module, "decode_audio", decode_with_bug)
+    requests = [
+        pb.StreamRequest(audio=pb.AudioChunk(sequence_number=number, audio_content=content))
+        for number, content in enumerate([b"\0\0" * 512, b"BUG!" * 256, b"\0\0" * 512])
+    ]
+    outcome = run_stream(channel, vad_config(), requests)
+    # The chunk that hit the bug is failed, not covered by the ack of the chunk after it.
+    assert outcome.acked[pb.MODALITY_AUDIO] == [0, 2]
+    assert [(error.sequence_number, error.reason) for error in outcome.errors] == [
+        (1, pb.CHUNK_ERROR_REASON_DECODE_FAILED)
+    ]
+    assert "the server failed to decode audio chunk 1 (KeyError" in outcome.errors[0].message
+
+
 def test_odd_byte_count_pcm16(channel) -> None:
     good = np.zeros(1536, dtype="<i2").tobytes()
     requests = [
@@ -129,6 +164,7 @@ def test_frame_bytes_over_limit(channel, server) -> None:
     outcome = run_stream(channel, video_config(), requests)
     assert [error.reason for error in outcome.errors] == [pb.CHUNK_ERROR_REASON_TOO_LARGE]
     assert str(too_many) in outcome.errors[0].message
+    assert "lower resolution or JPEG quality" in outcome.errors[0].message
 
 
 def test_text_not_utf8(channel) -> None:

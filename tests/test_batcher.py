@@ -201,6 +201,62 @@ def test_queued_item_expires_during_slow_batch() -> None:
     assert harness.runner.stats.dropped_deadline == 1
 
 
+class PerItemModel(RecordingModel):
+    """Takes ``seconds_per_item`` for each item of a batch."""
+
+    def __init__(self, seconds_per_item: float) -> None:
+        super().__init__(stateful=False)
+        self.seconds_per_item = seconds_per_item
+
+    def run_batch(self, inputs: Sequence[ModelInput], states: Sequence[Any]) -> list[Any]:
+        self.batches.append([item.data for item in inputs])
+        time.sleep(self.seconds_per_item * len(inputs))
+        return [item.data for item in inputs]
+
+
+def test_single_item_priced_below_large_batches() -> None:
+    model = PerItemModel(seconds_per_item=0.05)
+    harness = Harness(model, BatchingConfig(max_batch_size=8, max_queue_delay_ms=50))
+    stream = owner("a")
+    harness.expected = 8
+    harness.runner.submit([harness.item(stream, i) for i in range(8)])
+    assert harness.done.wait(timeout=10)
+    eight = harness.runner.batch_seconds_for(8)
+    # A batch of 8 took at least 0.4 s. A lone item is priced at an eighth of
+    # that, so with 0.25 s of budget left it runs instead of being dropped.
+    harness.done.clear()
+    harness.expected = 9
+    harness.runner.submit([harness.item(stream, "alone", deadline=time.monotonic() + 0.25)])
+    assert harness.done.wait(timeout=10)
+    harness.close()
+
+    assert eight >= 0.4
+    # Sizes not run yet are priced low: a larger batch at the nearest size's time.
+    assert harness.runner.batch_seconds_for(16) == pytest.approx(eight)
+    assert harness.outcome("alone") == "ran"
+    assert model.batches[-1] == ["alone"]
+
+
+def test_deadline_drop_names_time_left() -> None:
+    model = PerItemModel(seconds_per_item=0.3)
+    harness = Harness(model, BatchingConfig(max_batch_size=1, max_queue_delay_ms=0))
+    stream = owner("a")
+    harness.expected = 1
+    harness.runner.submit([harness.item(stream, "first")])
+    assert harness.done.wait(timeout=10)
+    # Batches take 0.3 s or more; 0.1 s of budget cannot cover one.
+    harness.done.clear()
+    harness.expected = 2
+    harness.runner.submit([harness.item(stream, "late", deadline=time.monotonic() + 0.1)])
+    assert harness.done.wait(timeout=10)
+    harness.close()
+
+    assert harness.outcome("late") == "CHUNK_ERROR_REASON_DEADLINE"
+    message = str(harness.delivered[-1].error)
+    assert "ms of the stream's chunk latency budget were left, and a batch takes about" in message
+    assert model.batches == [["first"]]
+
+
 def test_earliest_deadline_runs_first() -> None:
     model = RecordingModel(stateful=False, delay_s=0.3)
     harness = Harness(model, BatchingConfig(max_batch_size=2, max_queue_delay_ms=0))

@@ -219,6 +219,10 @@ def test_synthetic_busy_loop_verdict() -> None:
     report = report_on(Scenario(between=0.08, busy_fraction=0.9, max_busy_fraction=0.85))
     assert report["verdict"]["kind"] == "event_loop"
     assert "the event loop is near its limit: busy 90% of the last second" in report["verdict"]["line"]
+    assert "rejected" not in report["verdict"]["line"]
+    # Streams rejected for load in the interval are counted in the verdict.
+    report = report_on(Scenario(between=0.08, busy_fraction=0.9, max_busy_fraction=0.85, rejections={"busy": 40}))
+    assert report["verdict"]["line"].endswith("; 40 streams rejected for load (busy 40), 80% of new streams")
     assert "add workers" in report["verdict"]["change"]
     # The same wait with the loop under its limit is not put on the loop's busy fraction.
     report = report_on(Scenario(between=0.08, busy_fraction=0.5, max_busy_fraction=0.85))
@@ -345,12 +349,122 @@ def test_rejecting_for_load_is_capacity() -> None:
     verdict = report["verdict"]
     assert verdict["kind"] == "capacity"
     assert verdict["line"].startswith("the server is at its admission limit and keeps its latency: 40 streams rejected")
-    assert "(busy 40)" in verdict["line"]
+    assert "(busy 40), 80% of new streams, while m answers in" in verdict["line"]
     assert "add workers" in verdict["change"]
     # The same latency with no rejection: no bottleneck.
     assert report_on(Scenario(busy_fraction=0.3, max_busy_fraction=0.8))["verdict"]["kind"] == "none"
     # A rate limit is the client's quota, not load.
     assert report_on(Scenario(busy_fraction=0.3, rejections={"rate_limit": 40}))["verdict"]["kind"] != "capacity"
+
+
+# An overloaded audio server: admission rejects 8 of 18 new streams (44 %) for load, the model's one
+# instance is 78 % busy and the loop's busy fraction is 0.72 against its 0.8 limit. Event loop/network
+# is 14.9 ms of 42.6 ms (35 %), write 6.4 ms (15 %), and the two together the largest group (50 %).
+OVERLOADED = Scenario(
+    chunks=8000,
+    decode_wait=0.0005,
+    decode=0.0016,
+    queue_wait=0.012,
+    inference=0.0068,
+    postprocess=0.0004,
+    write=0.0064,
+    between=0.0149,
+    batches_delay=1083,
+    batch_size=7,
+    cpu_s=20.0,
+    busy_fraction=0.72,
+    max_busy_fraction=0.8,
+    rejections={"busy": 8},
+)
+
+
+def breakdown_shares(report: dict[str, Any]) -> dict[str, str]:
+    """Return each stage's share as the rendered latency breakdown prints it, by stage name."""
+    rows = {}
+    for line in diagnose.render(report).splitlines():
+        for name in diagnose.STAGE_NAMES.values():
+            if line.startswith(f"    {name}  "):
+                rows[name] = line.split()[-1]
+    return rows
+
+
+def test_loop_near_limit_with_rejections() -> None:
+    report = report_on(OVERLOADED)
+    verdict = report["verdict"]
+    assert verdict["kind"] == "event_loop"
+    line = verdict["line"]
+    assert line.startswith(
+        "the event loop is close to its limit: busy 72% of the last second against admission.max_busy_fraction 0.8; "
+    )
+    # Each share named is the one the breakdown shows for that stage, not the sum of the two.
+    shares = breakdown_shares(report)
+    assert shares["event loop/network"] == "35%"
+    assert shares["write"] == "15%"
+    assert "chunks wait between stages: event loop/network 14.9 ms (35%) and write 6.4 ms (15%) of m (audio)" in line
+    assert "50% of" not in line
+    # The busy stages are named with their figures, and nothing is called unsaturated.
+    assert "; other busy stages: model m instances 78% busy, process CPU 50% busy;" in line
+    assert "saturated" not in line
+    # The streams rejected for load, as the capacity verdict words them.
+    assert line.endswith("; 8 streams rejected for load (busy 8), 44% of new streams")
+    assert verdict["change"] == (
+        "add workers (serve --workers N) or replicas: each process has one event loop, and admission rejects new "
+        "streams (busy) as it reaches its limit"
+    )
+    assert "network" not in verdict["change"]
+    assert "BOTTLENECK: the event loop is close to its limit" in diagnose.render(report)
+
+
+def test_loop_near_limit_without_rejections() -> None:
+    report = report_on(dataclasses.replace(OVERLOADED, rejections={}))
+    verdict = report["verdict"]
+    assert verdict["kind"] == "event_loop"
+    assert verdict["line"].startswith("the event loop is close to its limit: busy 72%")
+    assert "rejected" not in verdict["line"]
+    assert verdict["change"] == "add workers (serve --workers N) or replicas: each process has one event loop"
+
+
+def test_stage_wait_names_busiest_stages() -> None:
+    # The same load with the loop well under its limit: the wait is not put on the loop's busy fraction,
+    # the busiest stages are named with their figures, and the network advice is conditional.
+    report = report_on(dataclasses.replace(OVERLOADED, busy_fraction=0.5))
+    verdict = report["verdict"]
+    assert verdict["kind"] == "event_loop"
+    assert verdict["line"] == (
+        "chunks wait between stages: event loop/network 14.9 ms (35%) and write 6.4 ms (15%) of m (audio): mean "
+        f"chunk latency 42.6 ms, p99 {diagnose._ms(report['latency'][0]['p99_s'])}; the busiest stages: model m "
+        "instances 78% busy, event loop busy 50% of the last second against admission.max_busy_fraction 0.8, "
+        "process CPU 50% busy; 8 streams rejected for load (busy 8), 44% of new streams"
+    )
+    assert verdict["change"] == (
+        "add workers (serve --workers N) or replicas; if clients connect over a network rather than loopback, "
+        "check the network between them and the server"
+    )
+    # Rejections that are not for load (a client's quota) are left out of the verdict.
+    report = report_on(dataclasses.replace(OVERLOADED, busy_fraction=0.5, rejections={"rate_limit": 8}))
+    assert "rejected" not in report["verdict"]["line"]
+
+
+def test_stage_wait_nothing_busy() -> None:
+    report = report_on(Scenario(between=0.08, busy_fraction=0.3))
+    verdict = report["verdict"]
+    assert verdict["kind"] == "event_loop"
+    assert "chunks wait between stages: event loop/network 80.0 ms (91%) of m (audio)" in verdict["line"]
+    # Write is under 1 % of the latency: left out.
+    assert "write" not in verdict["line"]
+    assert verdict["line"].endswith("; no stage is over 50% busy")
+    assert breakdown_shares(report)["event loop/network"] == "91%"
+
+
+def test_full_cpu_wait_shares() -> None:
+    report = report_on(dataclasses.replace(OVERLOADED, busy_fraction=0.3, cpu_s=38.0))
+    verdict = report["verdict"]
+    assert verdict["kind"] == "workers"
+    assert verdict["line"].startswith(
+        "the process uses 95% of 4 cores and chunks wait between stages: event loop/network 14.9 ms (35%) and "
+        "write 6.4 ms (15%) of m (audio)"
+    )
+    assert verdict["change"] == "add workers (serve --workers N) or replicas on more cores"
 
 
 def test_latency_breakdown_adds_up() -> None:

@@ -18,6 +18,7 @@ from streaminfer.server.decode import DecodeStage
 from streaminfer.server import load as load_module
 from streaminfer.server.load import LoadMonitor
 from streaminfer.server.models.base import ModelInput, StreamOptions
+from streaminfer.v1 import streaminfer_pb2 as pb
 
 
 def test_hung_batch_marks_model_unhealthy() -> None:
@@ -94,14 +95,18 @@ def test_audio_backlog_follows_client_pace(server) -> None:
         session._waiting_for_window = False
         # Nothing read for over a second: a paused client, not a late server.
         backlogs.append(session.audio_backlog_s(100.0 + 9 * 0.032 + 10 * 0.050 + 1.5))
+        # Not read because the server is ending the stream (its maximum duration passed).
+        session.end_reason = pb.STREAM_END_REASON_MAX_DURATION
+        backlogs.append(session.audio_backlog_s(100.0 + 9 * 0.032 + 10 * 0.050 + 0.4))
         session.close()
         return backlogs
 
-    on_pace, behind, window_full, paused = asyncio.run(scenario())
+    on_pace, behind, window_full, paused, ending = asyncio.run(scenario())
     assert on_pace is not None and abs(on_pace) < 1e-9
     assert behind is not None and abs(behind - 10 * 0.018) < 1e-6
     assert window_full is None
     assert paused is None
+    assert ending is None
 
 
 def test_stream_cap_learned_from_overload() -> None:

@@ -33,6 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import MEDIA, ServerThread, loopback_config
 from streamutil import StreamOutcome, audio_requests, collect, jpeg, read_wav, run_stream, vad_config, video_frames
+from streaminfer.server import metrics
 from streaminfer.server.config import AdmissionConfig, LimitsConfig, ServerConfig
 from streaminfer.server.session import Session
 from streaminfer.v1 import streaminfer_pb2 as pb
@@ -384,11 +385,14 @@ def test_flood_stays_within_window(limits_server: ServerThread, limits_channel: 
         for sequence_number, content in enumerate(contents):
             yield pb.StreamRequest(audio=pb.AudioChunk(sequence_number=sequence_number, audio_content=content))
 
+    overruns_before = metrics.WINDOW_OVERRUNS._value.get()
     with SessionProbe(limits_server) as probe:
         outcome = collect(pb_grpc.InferenceServiceStub(limits_channel).Stream(messages(), timeout=120))
 
     answered = outcome.answered(pb.MODALITY_AUDIO)
     totals = totals_of(outcome, pb.MODALITY_AUDIO)
+    # The stream is counted once, however many chunks it sent beyond the window.
+    assert metrics.WINDOW_OVERRUNS._value.get() == overruns_before + 1
     assert probe.peak("flood", "received") == len(contents)
     assert probe.peak("flood", "in_flight") <= WINDOW
     assert probe.peak("flood", "pending") <= WINDOW

@@ -78,3 +78,41 @@ def test_sync_client_text_and_errors(server) -> None:
     assert all(len(embedding.values) == 384 for embedding in embeddings)
     assert error.value.code.name == "NOT_FOUND"
     assert "no_such_model" in error.value.details
+
+
+def test_sdk_keeps_to_window_at_full_speed(server, monkeypatch: pytest.MonkeyPatch) -> None:
+    from streaminfer.server import metrics
+    from streaminfer.server.session import Session
+
+    responses = Session.responses
+
+    async def slow_to_resume(self: Session):
+        # A busy event loop may run the reader before the response generator
+        # resumes after a write: the client then already holds the credit.
+        async for message in responses(self):
+            yield message
+            await asyncio.sleep(0.002)
+
+    monkeypatch.setattr(Session, "responses", slow_to_resume)
+
+    async def run() -> int:
+        config = stream_config(["silero_vad"], audio=read_wav_format(str(WAV)))
+        async with AsyncClient(server.target) as client:
+            async with await client.open_stream(config) as session:
+
+                async def send() -> None:
+                    # As fast as the window lets it: about 48 s of silence.
+                    for _ in range(1500):
+                        await session.send_audio(bytes(1024))
+                    await session.end_input()
+
+                sender = asyncio.create_task(send())
+                async for _ in session.results():
+                    pass
+                await sender
+                return sum(counts.acked for counts in session.stats.modalities.values())
+
+    overruns_before = metrics.WINDOW_OVERRUNS._value.get()
+    assert asyncio.run(run()) == 1500
+    # The SDK sends a chunk only for credit it holds, so the server never sees it beyond the window.
+    assert metrics.WINDOW_OVERRUNS._value.get() == overruns_before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -105,3 +106,16 @@ def test_infer_wrong_input_kind(channel) -> None:
         assert "audio_content" in error.details()
     else:
         raise AssertionError("Infer with text for an audio model succeeded")
+
+
+def test_infer_errors_name_infer_fields(channel) -> None:
+    stub = pb_grpc.InferenceServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Infer(pb.InferRequest(model="silero_vad", audio_content=b"\0\0"), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("audio_format is missing")
+    image_format = pb.VideoFormat(encoding=pb.IMAGE_ENCODING_JPEG)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Infer(pb.InferRequest(model="hog_people", image_content=b"notjpeg", video_format=image_format), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("image_content (7 bytes) is not a valid JPEG image")

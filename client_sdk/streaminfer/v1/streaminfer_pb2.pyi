@@ -251,7 +251,9 @@ class _ChunkErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Chun
     down or ended the stream. Resend it on a new stream.
     """
     CHUNK_ERROR_REASON_RATE_LIMITED: _ChunkErrorReason.ValueType  # 8
-    """The client's API key is over its chunks-per-second limit."""
+    """The client (its accepted API key, or its address without one) is over
+    its chunks-per-second limit.
+    """
 
 class ChunkErrorReason(_ChunkErrorReason, metaclass=_ChunkErrorReasonEnumTypeWrapper):
     """ChunkErrorReason says why a chunk was not processed."""
@@ -274,7 +276,9 @@ CHUNK_ERROR_REASON_SHUTDOWN: ChunkErrorReason.ValueType  # 7
 down or ended the stream. Resend it on a new stream.
 """
 CHUNK_ERROR_REASON_RATE_LIMITED: ChunkErrorReason.ValueType  # 8
-"""The client's API key is over its chunks-per-second limit."""
+"""The client (its accepted API key, or its address without one) is over
+its chunks-per-second limit.
+"""
 Global___ChunkErrorReason: _TypeAlias = ChunkErrorReason  # noqa: Y015
 
 class _StreamEndReason:

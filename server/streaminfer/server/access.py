@@ -319,6 +319,13 @@ class RateLimiter:
             return "key:" + hashlib.sha256(presented.encode("utf-8")).hexdigest()[:16]
         return "peer:" + peer_host(peer)
 
+    @staticmethod
+    def describe_client(key: str) -> str:
+        """Return how messages name the client of ``key``, from ``client_key``: its API key or its address."""
+        if key.startswith("key:"):
+            return "this client's API key"
+        return f"this client's address ({key.removeprefix('peer:')})"
+
     def admit_stream(self, key: str) -> float | None:
         """Take a stream token for ``key``: None when the stream may start, else the seconds to wait."""
         buckets = self._buckets(key)

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from streaminfer.server import metrics, priority, tracing
 from streaminfer.server.access import ApiKeyInterceptor, RateLimiter, load_api_keys, server_credentials
-from streaminfer.server.config import ServerConfig
+from streaminfer.server.config import RateLimitConfig, ServerConfig
 from streaminfer.server.executor import Executor
 from streaminfer.server.load import LoadMonitor
 from streaminfer.server.service import InferenceService
@@ -39,6 +39,18 @@ PRIORITY_CHECK_S = 5.0
 
 # Room above the largest frame for the rest of the message.
 _MESSAGE_OVERHEAD_BYTES = 64 * 1024
+
+
+def describe_rate_limits(rates: RateLimitConfig, by_api_key: bool) -> str:
+    """Return the rate limits as the start-up line names them, or "off"."""
+    parts = [
+        f"{rate:g} {unit} per second"
+        for rate, unit in ((rates.streams_per_second, "streams"), (rates.chunks_per_second, "chunks"))
+        if rate > 0
+    ]
+    if not parts:
+        return "off"
+    return f"{' and '.join(parts)} per {'API key' if by_api_key else 'client address'}"
 
 
 class BindError(Exception):
@@ -145,13 +157,15 @@ class StreaminferServer:
         wait_check = f"above {admission.max_queue_wait_ms:g} ms projected wait" if admission.max_queue_wait_ms > 0 else "off"
         busy_limit = self.monitor.busy_limit
         busy_check = f"above {busy_limit:g} projected busy fraction" if busy_limit > 0 else "off"
+        rate_limits = describe_rate_limits(self.config.rate_limits, bool(self.api_keys))
         logger.info(
-            "streaminfer listening on %s:%d (%s, API keys %s, at most %d streams, shedding by queue wait %s "
-            "and by busy fraction %s, metrics %s)",
+            "streaminfer listening on %s:%d (%s, API keys %s, rate limits %s, at most %d streams, "
+            "shedding by queue wait %s and by busy fraction %s, metrics %s)",
             self.config.host,
             self.port,
             "TLS" if self.config.tls_cert_file else "plaintext",
             "required" if self.api_keys else "off",
+            rate_limits,
             admission.max_streams,
             wait_check,
             busy_check,

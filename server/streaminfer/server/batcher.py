@@ -14,7 +14,8 @@ model's instances is a worker thread that forms a batch and runs it:
   whose item is running on one instance waits for it before another instance
   takes its next item. So per-stream state is updated in order.
 - An item that can no longer finish by its deadline (its deadline is closer
-  than the model's usual batch time) is dropped before inference. A reaper
+  than the model's recent batch time at the size of the batch it would join)
+  is dropped before inference. A reaper
   thread drops such items on time even while every instance runs a long batch.
 - An item its owner cancelled (a video frame superseded by a newer one) is
   dropped when a worker reaches it. Dropped items are handed back with an
@@ -143,7 +144,15 @@ class _TakeResult:
         self.closed = 0
 
 
-def _screen(item: WorkItem, cutoff: float, taken: _TakeResult) -> bool:
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Cutoff:
+    """The deadline before which queued items can no longer finish, and the batch time it allows for."""
+
+    at: float
+    batch_s: float
+
+
+def _screen(item: WorkItem, cutoff: _Cutoff, taken: _TakeResult) -> bool:
     """Return True when ``item`` may run; otherwise record why it may not."""
     if item.owner.closed:
         taken.closed += 1
@@ -152,19 +161,26 @@ def _screen(item: WorkItem, cutoff: float, taken: _TakeResult) -> bool:
         item.error = ItemDropped(pb.CHUNK_ERROR_REASON_OVERFLOW, item.cancel_message or "cancelled before it ran")
         taken.dropped.append(item)
         return False
-    if item.deadline < cutoff:
-        item.error = _deadline_error(item)
+    if item.deadline < cutoff.at:
+        item.error = _deadline_error(item, cutoff)
         taken.dropped.append(item)
         return False
     return True
 
 
-def _deadline_error(item: WorkItem) -> ItemDropped:
+def _deadline_error(item: WorkItem, cutoff: _Cutoff) -> ItemDropped:
+    left_ms = max(0.0, item.deadline - (cutoff.at - cutoff.batch_s)) * 1000.0
     return ItemDropped(
         pb.CHUNK_ERROR_REASON_DEADLINE,
-        "dropped before inference: it could not finish within the stream's chunk latency budget "
-        "(the server is behind; lower the offered load or raise StreamConfig.chunk_latency_budget)",
+        f"dropped before inference: {left_ms:.0f} ms of the stream's chunk latency budget were left, and a batch "
+        f"takes about {cutoff.batch_s * 1000.0:.0f} ms (the server is behind, or the budget is too short for this "
+        "model: lower the offered load or raise StreamConfig.chunk_latency_budget)",
     )
+
+
+def _size_group(size: int) -> int:
+    """Return ``size`` rounded up to a power of two: the group whose batch time prices it."""
+    return 1 << (max(1, size) - 1).bit_length()
 
 
 class _PriorityQueue:
@@ -197,7 +213,7 @@ class _PriorityQueue:
         self._prune()
         return self._heap[0][3].enqueued_at if self._heap else None
 
-    def take(self, limit: int, running: set[int], cutoff: float) -> _TakeResult:
+    def take(self, limit: int, running: set[int], cutoff: _Cutoff) -> _TakeResult:
         taken = _TakeResult()
         while self._heap and len(taken.batch) < limit:
             item = heapq.heappop(self._heap)[3]
@@ -259,7 +275,7 @@ class _PerStreamQueue:
                 oldest = lane[0].enqueued_at
         return oldest
 
-    def take(self, limit: int, running: set[int], cutoff: float) -> _TakeResult:
+    def take(self, limit: int, running: set[int], cutoff: _Cutoff) -> _TakeResult:
         taken = _TakeResult()
         heads = [
             (lane[0].priority, lane[0].order_key, key) for key, lane in self._lanes.items() if key not in running
@@ -333,8 +349,10 @@ class ModelRunner:
         # Per instance: when its running batch started, or None when idle.
         self._running_since: list[float | None] = [None] * config.instances
         # Moving average of one batch's inference seconds: the time an item
-        # still needs once it is taken.
+        # still needs once it is taken. The same by batch size, rounded up
+        # to a power of two, prices the batch a queued item would join.
         self.batch_seconds = 0.0
+        self._batch_seconds_by_size: dict[int, float] = {}
         self._threads = [
             threading.Thread(target=self._work, args=(i,), name=f"infer-{config.name}-{i}", daemon=True)
             for i in range(config.instances)
@@ -431,9 +449,28 @@ class ModelRunner:
             if self._deadlines and self._deadlines[0][0] < earliest:
                 self._reap.notify()
 
-    def _cutoff(self) -> float:
-        """Items whose deadline is before this can no longer finish in time."""
-        return self._clock() + self.batch_seconds
+    def batch_seconds_for(self, size: int) -> float:
+        """Return the inference seconds expected for a batch of ``size`` items; 0 before any batch ran.
+
+        Sizes are grouped by powers of two. A group that has not run yet is
+        priced from the nearest group that has. A larger group gets that
+        group's time, and a smaller one a share in proportion to its size.
+        Both err low, so no item is dropped for a time its batch size has
+        not shown.
+        """
+        known = self._batch_seconds_by_size
+        if not known:
+            return 0.0
+        group = _size_group(size)
+        if group in known:
+            return known[group]
+        nearest = min(known, key=lambda seen: abs(math.log2(seen / group)))
+        return known[nearest] * min(1.0, group / nearest)
+
+    def _cutoff(self) -> _Cutoff:
+        """Return the deadline before which queued items can no longer finish: now plus the time of their batch."""
+        batch_s = self.batch_seconds_for(min(max(1, len(self._queue)), self._max_batch))
+        return _Cutoff(self._clock() + batch_s, batch_s)
 
     def _take_batch(self) -> tuple[list[WorkItem], list[WorkItem]] | None:
         """Wait for and remove the next batch; also return the items dropped on the way. None when stopping."""
@@ -496,12 +533,12 @@ class ModelRunner:
                     if not self._deadlines:
                         self._reap.wait()
                         continue
-                    wait = self._deadlines[0][0] - self._cutoff()
+                    wait = self._deadlines[0][0] - self._cutoff().at
                     if wait > 0:
                         self._reap.wait(wait)
                         continue
                     cutoff = self._cutoff()
-                    while self._deadlines and self._deadlines[0][0] < cutoff:
+                    while self._deadlines and self._deadlines[0][0] < cutoff.at:
                         item = heapq.heappop(self._deadlines)[2]
                         if not item.queued:
                             continue
@@ -510,7 +547,7 @@ class ModelRunner:
                         if item.owner.closed:
                             self.stats.dropped_closed += 1
                             continue
-                        item.error = _deadline_error(item)
+                        item.error = _deadline_error(item, cutoff)
                         expired.append(item)
                     break
                 if self._stopping:
@@ -596,6 +633,9 @@ class ModelRunner:
         self.stats.batch_size_counts[len(runnable)] += 1
         if runnable:
             self.batch_seconds = inference_s if self.stats.batches == 1 else 0.9 * self.batch_seconds + 0.1 * inference_s
+            group = _size_group(len(runnable))
+            previous = self._batch_seconds_by_size.get(group)
+            self._batch_seconds_by_size[group] = inference_s if previous is None else 0.9 * previous + 0.1 * inference_s
             self._metric_size.observe(len(runnable))
             self._metric_fill.observe(len(runnable) / self._max_batch)
             self._metric_inference.observe(inference_s)

@@ -106,7 +106,7 @@ class AdmissionConfig:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RateLimitConfig:
-    # Per API key (or per peer address without one); 0 turns a limit off.
+    # Per accepted API key (or per peer address without one); 0 turns a limit off.
     streams_per_second: float = 0.0
     # Streams a key may open at once above the rate; 0 means the rate, at least 1.
     stream_burst: int = 0

@@ -69,6 +69,10 @@ LOOP_P99_S = 0.05
 LOOP_BLOCKED_SHARE = 0.4
 # A stage "busy" this much is saturated.
 BUSY = 0.6
+# The event loop counts as close to its limit at this share of admission.max_busy_fraction, because
+# admission adds one stream's cost and the arrival reserve to the measured fraction before comparing.
+# NOTE: 0.85 is a chosen margin, not one measured on loaded servers.
+LOOP_NEAR_LIMIT = 0.85
 CPU_FULL = 0.9
 # Keep-latest video drops above this share of frames read call for a lower frame rate.
 FRAME_DROP_SHARE = 0.1
@@ -616,6 +620,39 @@ def _stage(entry: dict[str, Any], stage: str) -> float:
     return next(part["mean_s"] for part in entry["stages"] if part["stage"] == stage)
 
 
+def _stage_text(entry: dict[str, Any], stage: str) -> str:
+    """Return a stage's mean and share as the latency breakdown shows them, e.g. "write 6.4 ms (15%)"."""
+    part = next(part for part in entry["stages"] if part["stage"] == stage)
+    return f"{STAGE_NAMES[stage]} {_ms(part['mean_s'])} ({part['share']:.0%})"
+
+
+def _load_rejections(report: dict[str, Any]) -> str:
+    """Return the streams rejected for load in the window, by reason, with their share of new streams ("" when none)."""
+    reasons = [r for r in report["rejections"] if r["reason"] in LOAD_REJECTIONS]
+    count = sum(r["count"] for r in reasons)
+    if not count:
+        return ""
+    named = ", ".join(f"{r['reason']} {r['count']:.0f}" for r in reasons)
+    share = _share(count, count + report["traffic"]["streams_started"])
+    return f"{count:.0f} streams rejected for load ({named}), {share:.0%} of new streams"
+
+
+def _busiest(saturation: dict[str, Any], skip: str = "", max_stages: int = 3) -> str:
+    """Return the stages at least HEALTHY_BUSY busy, busiest first, with their figures ("" when none)."""
+    named = []
+    for stage in saturation["stages"]:
+        if stage["busy"] < HEALTHY_BUSY or stage["stage"] == skip:
+            continue
+        if stage["stage"] == "event loop busy fraction":
+            named.append(
+                f"event loop busy {stage['busy']:.0%} of the last second against admission.max_busy_fraction "
+                f"{saturation['max_busy_fraction']:g}"
+            )
+        else:
+            named.append(f"{stage['stage']} {stage['busy']:.0%} busy")
+    return ", ".join(named[:max_stages])
+
+
 def _verdict(report: dict[str, Any]) -> dict[str, Any]:
     """Name the bottleneck and the change: returns kind, model, line and change."""
     traffic = report["traffic"]
@@ -685,13 +722,12 @@ def _verdict(report: dict[str, Any]) -> dict[str, Any]:
 
     # Healthy but for streams rejected for load: admission keeps the latency
     # low, and no stage needs a change.
+    rejected = _load_rejections(report)
     if load_rejected and focus["mean_s"] < HEALTHY_LATENCY_S and worst_drop < HEALTHY_DROP_SHARE:
-        reasons = [r for r in report["rejections"] if r["reason"] in LOAD_REJECTIONS]
-        named = ", ".join(f"{r['reason']} {r['count']:.0f}" for r in reasons)
         return verdict(
             "capacity",
-            f"the server is at its admission limit and keeps its latency: {load_rejected:.0f} streams rejected for "
-            f"load ({named}) while {model} answers in {_ms(focus['mean_s'])} mean, p99 {_ms(focus['p99_s'])}",
+            f"the server is at its admission limit and keeps its latency: {rejected}, while {model} answers in "
+            f"{_ms(focus['mean_s'])} mean, p99 {_ms(focus['p99_s'])}",
             "for more streams add workers (serve --workers N) or replicas; raise the limit that rejects them only "
             "if p99 stays well within the budget at the higher load",
             model,
@@ -731,7 +767,7 @@ def _verdict(report: dict[str, Any]) -> dict[str, Any]:
                 "event_loop",
                 f"the event loop is near its limit: busy {saturation['busy_fraction']:.0%} of the last second, at or "
                 f"over admission.max_busy_fraction {saturation['max_busy_fraction']:g}; write and event loop/network "
-                f"are {share:.0%} of {where}",
+                f"are {share:.0%} of {where}" + (f"; {rejected}" if rejected else ""),
                 "add workers (serve --workers N) or replicas: new streams are rejected (busy) until the load falls",
                 model,
             )
@@ -752,19 +788,43 @@ def _verdict(report: dict[str, Any]) -> dict[str, Any]:
                 "make clients read responses as they come (a reader task apart from the sender)",
                 model,
             )
+        # Each part of the time between stages is named with the share the latency breakdown shows for it.
+        waits = _stage_text(focus, "event_loop_network")
+        if _share(parts["write"], total) >= 0.005:
+            waits += f" and {_stage_text(focus, 'write')}"
+        waits = f"chunks wait between stages: {waits} of {where}"
         if cpu >= CPU_FULL:
             return verdict(
                 "workers",
-                f"the process uses {cpu:.0%} of {cores:.0f} cores and chunks wait between stages: "
-                f"event loop/network is {share:.0%} of {where}",
+                f"the process uses {cpu:.0%} of {cores:.0f} cores and {waits}",
                 "add workers (serve --workers N) or replicas on more cores",
                 model,
             )
+        also_rejected = f"; {rejected}" if rejected else ""
+        rejected_busy = any(r["reason"] == "busy" for r in report["rejections"])
+        max_busy_fraction = saturation["max_busy_fraction"]
+        if max_busy_fraction > 0 and saturation["busy_fraction"] >= LOOP_NEAR_LIMIT * max_busy_fraction:
+            others = _busiest(saturation, skip="event loop busy fraction")
+            return verdict(
+                "event_loop",
+                f"the event loop is close to its limit: busy {saturation['busy_fraction']:.0%} of the last second "
+                f"against admission.max_busy_fraction {max_busy_fraction:g}; {waits}"
+                + (f"; other busy stages: {others}" if others else "")
+                + also_rejected,
+                "add workers (serve --workers N) or replicas: each process has one event loop"
+                + (", and admission rejects new streams (busy) as it reaches its limit" if rejected_busy else ""),
+                model,
+            )
+        # Neither the loop, the CPU nor slow clients explain the wait. The metrics do not say where
+        # clients connect from, so the network advice is conditional.
+        busiest = _busiest(saturation)
         return verdict(
             "event_loop",
-            f"chunks wait between stages (event loop/network {_ms(parts['event_loop_network'])}, {share:.0%} of "
-            f"{where}) while no stage is saturated",
-            "add workers (serve --workers N) or replicas; check the network between clients and server",
+            f"{waits}; "
+            + (f"the busiest stages: {busiest}" if busiest else f"no stage is over {HEALTHY_BUSY:.0%} busy")
+            + also_rejected,
+            "add workers (serve --workers N) or replicas; if clients connect over a network rather than loopback, "
+            "check the network between them and the server",
             model,
         )
 

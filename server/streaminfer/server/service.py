@@ -212,11 +212,13 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         wait_s = self.rate_limiter.admit_stream(key)
         if wait_s is not None:
             limits = self._executor.config.rate_limits
+            # The message names the same whole milliseconds as grpc-retry-pushback-ms.
+            wait_ms = max(1, math.ceil(wait_s * 1000))
             raise Rejection(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"this client is over its limit of {limits.streams_per_second:g} new streams per second "
-                f"(rate_limits.streams_per_second); retry in {wait_s * 1000:.0f} ms",
-                max(1, math.ceil(wait_s * 1000)),
+                f"{self.rate_limiter.describe_client(key)} is over its limit of {limits.streams_per_second:g} "
+                f"new streams per second (rate_limits.streams_per_second); retry in {wait_ms} ms",
+                wait_ms,
                 "rate_limit",
             )
         return key
@@ -273,6 +275,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 session.trace_with(self.tracing, self.tracing.context_of(span))
             if client_key is not None and self._executor.config.rate_limits.chunks_per_second > 0:
                 session.admit_chunk = functools.partial(self.rate_limiter.admit_chunk, client_key)
+                session.rate_limited_client = self.rate_limiter.describe_client(client_key)
             self.active_sessions[session] = context
             # This task's log lines, and its reader's, carry the stream id.
             logs.STREAM_ID.set(session.stream_id)
@@ -384,7 +387,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         try:
             session = Session(self._executor, config, context.peer())
         except StreaminferError as error:
-            await context.abort(error.code, str(error))
+            await context.abort(error.code, _infer_field_names(str(error)))
 
         try:
             await session.read(_one_shot_requests(request, kind, self._executor.config.limits.max_audio_chunk_bytes))
@@ -392,9 +395,9 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             async for message in session.responses():
                 response.results.extend(message.results)
                 if message.errors:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message.errors[0].message)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _infer_field_names(message.errors[0].message))
             if session.failure is not None:
-                await context.abort(session.failure.code, str(session.failure))
+                await context.abort(session.failure.code, _infer_field_names(str(session.failure)))
             return response
         finally:
             session.close()
@@ -484,6 +487,24 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             data_type = DATA_TYPES.get(info.input_dtype or "")
             message.input.data_type = data_type.proto if data_type else pb.DATA_TYPE_UNSPECIFIED
         return message
+
+
+# Infer runs its request as a one-chunk stream. Messages about the stream's
+# fields name the InferRequest fields they came from instead.
+_INFER_FIELD_NAMES = (
+    ("config.audio_format", "audio_format"),
+    ("config.video_format", "video_format"),
+    ("audio.audio_content", "audio_content"),
+    ("frame.image_content", "image_content"),
+    ("text.text", "text"),
+)
+
+
+def _infer_field_names(message: str) -> str:
+    """Return ``message`` with the StreamRequest field names it uses replaced by the InferRequest ones."""
+    for stream_field, infer_field in _INFER_FIELD_NAMES:
+        message = message.replace(stream_field, infer_field)
+    return message
 
 
 async def _one_shot_requests(request: pb.InferRequest, kind: str, max_chunk_bytes: int) -> AsyncIterator[pb.StreamRequest]:

@@ -225,8 +225,9 @@ class Session:
         self._lane = executor.decode.assign_lane(spread=pb.MODALITY_VIDEO in self._ledgers)
         # Chunks read and not yet answered in a written message.
         self._in_flight = 0
-        # Chunks answered in the message being built.
+        # Chunks answered in the message being built, and in the one being written.
         self._answered_unsent = 0
+        self._answered_writing = 0
         self._window_open = asyncio.Event()
         self._window_open.set()
         self._outbound = pb.StreamResponse()
@@ -258,6 +259,8 @@ class Session:
         # Called for each chunk read; returns False when the client's key is
         # over its chunk rate.
         self.admit_chunk: Callable[[], bool] | None = None
+        # The rate-limited client as the RATE_LIMITED message names it.
+        self.rate_limited_client = "this client's API key"
         # Tracing: the call span's context when it records, and the sampled
         # chunks without an ack or error yet, by (modality, sequence number).
         self._tracing: Any = None
@@ -280,6 +283,11 @@ class Session:
                 raise InvalidArgument(
                     "config.audio_format.encoding is unspecified: set AUDIO_ENCODING_LINEAR16 or AUDIO_ENCODING_FLOAT32"
                 )
+            if audio.encoding not in pb.AudioEncoding.values():
+                raise InvalidArgument(
+                    f"config.audio_format.encoding = {audio.encoding} is not an AudioEncoding this server knows: "
+                    "set AUDIO_ENCODING_LINEAR16 or AUDIO_ENCODING_FLOAT32"
+                )
             if not MIN_SAMPLE_RATE_HERTZ <= audio.sample_rate_hertz <= MAX_SAMPLE_RATE_HERTZ:
                 raise InvalidArgument(
                     f"config.audio_format.sample_rate_hertz = {audio.sample_rate_hertz} is invalid: expected "
@@ -295,6 +303,11 @@ class Session:
             if video.encoding == pb.IMAGE_ENCODING_UNSPECIFIED:
                 raise InvalidArgument(
                     "config.video_format.encoding is unspecified: set IMAGE_ENCODING_JPEG, _PNG, _RAW_RGB24 or _RAW_BGR24"
+                )
+            if video.encoding not in pb.ImageEncoding.values():
+                raise InvalidArgument(
+                    f"config.video_format.encoding = {video.encoding} is not an ImageEncoding this server knows: "
+                    "set IMAGE_ENCODING_JPEG, _PNG, _RAW_RGB24 or _RAW_BGR24"
                 )
             if video.encoding in (pb.IMAGE_ENCODING_RAW_RGB24, pb.IMAGE_ENCODING_RAW_BGR24):
                 limit = self._limits.max_frame_dimension
@@ -439,8 +452,10 @@ class Session:
         # 1. Wait for room in the window. While waiting, this stream is not
         # read. Every chunk takes a place until its answer is written, a
         # rejected one too, so answers waiting to be written stay bounded.
-        if self._in_flight >= self._limits.max_chunks_in_flight:
-            # A client that keeps to its credit never sends this chunk yet.
+        if self._in_flight - self._answered_writing >= self._limits.max_chunks_in_flight:
+            # A client that keeps to its credit never sends this chunk yet. The
+            # answers of the message being written count as returned credit:
+            # the client may read them before this generator resumes.
             self.window_overruns += 1
             if self.window_overruns == 1:
                 metrics.WINDOW_OVERRUNS.inc()
@@ -489,7 +504,7 @@ class Session:
                 modality,
                 sequence_number,
                 pb.CHUNK_ERROR_REASON_RATE_LIMITED,
-                f"{field} chunk {sequence_number} is over the chunks-per-second limit of this client's API key; "
+                f"{field} chunk {sequence_number} is over the chunks-per-second limit of {self.rate_limited_client}; "
                 "send fewer chunks per second (larger chunks) or ask for a higher limit",
             )
             ledger.last_sequence_number = sequence_number
@@ -550,11 +565,13 @@ class Session:
         client sending in real time keeps a steady offset between wall-clock
         time and media time read. A server that reads it late lets the offset grow. Returns None for a stream with no audio read in the last
         AUDIO_PACE_WINDOW_S, since a client that pauses would look late, and
-        for a stream the server does not read because its window is full.
+        for a stream the server does not read because its window is full or
+        its input has ended (the client ended it, or the server is ending
+        the stream and no longer reads it).
         """
         if self._audio_started_at is None or now - self._audio_read_at > AUDIO_PACE_WINDOW_S:
             return None
-        if self._waiting_for_window:
+        if self._waiting_for_window or self.end_reason != pb.STREAM_END_REASON_UNSPECIFIED:
             return None
         return max(0.0, now - self._audio_started_at - self._audio_read_s - self._audio_min_offset_s)
 
@@ -612,6 +629,20 @@ class Session:
             prepared = self._prepare(ledger, content, sequence_number, client_time)
         except ChunkRejected as rejection:
             self._call_on_loop(self._fail_chunks, ledger, [sequence_number], rejection.reason, rejection.message)
+            return
+        except Exception as error:
+            # A bug in decoding. The chunk must still be failed: acks count
+            # through sequence numbers, so a later ack would cover it.
+            modality = _MODALITY_NAMES[ledger.modality]
+            logger.exception("stream %s: decoding %s chunk %d failed", self.stream_id, modality, sequence_number)
+            self._call_on_loop(
+                self._fail_chunks,
+                ledger,
+                [sequence_number],
+                pb.CHUNK_ERROR_REASON_DECODE_FAILED,
+                f"the server failed to decode {modality} chunk {sequence_number} ({type(error).__name__}: {error}); "
+                "the server logged the error, report it to its operator",
+            )
             return
         finally:
             ended = time.monotonic()
@@ -676,16 +707,18 @@ class Session:
                 f"{ledger.last_sequence_number}; number each modality's chunks in increasing order",
             )
         limits = self._limits
+        remedy = "split it into smaller chunks"
         if modality == pb.MODALITY_AUDIO:
             size, limit, name = len(chunk.audio_content), limits.max_audio_chunk_bytes, "audio.audio_content"
         elif modality == pb.MODALITY_VIDEO:
             size, limit, name = len(chunk.image_content), limits.max_frame_bytes, "frame.image_content"
+            remedy = "send a smaller image (lower resolution or JPEG quality)"
         else:
             size, limit, name = len(chunk.text), limits.max_text_chunk_bytes, "text.text"
         if size > limit:
             return (
                 pb.CHUNK_ERROR_REASON_TOO_LARGE,
-                f"{name} has {size} bytes, more than the limit of {limit}; split it into smaller chunks",
+                f"{name} has {size} bytes, more than the limit of {limit}; {remedy}",
             )
         return None
 
@@ -976,7 +1009,9 @@ class Session:
                 answered, self._answered_unsent = self._answered_unsent, 0
                 acked, self._acked_unsent = self._acked_unsent, []
                 started = self.write_started_at = time.monotonic()
+                self._answered_writing = answered
                 yield outbound
+                self._answered_writing = 0
                 self.write_started_at = None
                 self._count_written(outbound, acked, started)
                 if answered:
