@@ -5,22 +5,49 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import pathlib
 from collections.abc import Iterator
 
 import pytest
 
 from streaminfer.loadtest import cli
-from streaminfer.loadtest.runner import ChunkBook, LoadConfig, plan_streams, send_paced
+from streaminfer.loadtest.runner import ChunkBook, LoadConfig, create_clients, plan_streams, send_paced
 from streaminfer.loadtest.schedule import parse_ramp, poisson_arrivals
 from streaminfer.loadtest.stats import Recorder, percentiles_ms
+from streaminfer.server.config import AuthConfig
 
+from certificates import make_certificates
 from conftest import MEDIA, ServerThread, loopback_config
+
+API_KEY = "loadtest-key-5e1b"
 
 
 @pytest.fixture(scope="module")
 def vad_server() -> Iterator[ServerThread]:
     config = loopback_config()
     config = dataclasses.replace(config, models=tuple(m for m in config.models if m.name == "silero_vad"))
+    thread = ServerThread(config).start()
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A test CA (ca.pem) and a server certificate for 127.0.0.1 it signed (server.pem, server.key)."""
+    return make_certificates(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def secured_vad_server(certificates: pathlib.Path) -> Iterator[ServerThread]:
+    """A VAD server that speaks TLS only and accepts one API key."""
+    config = loopback_config()
+    config = dataclasses.replace(
+        config,
+        models=tuple(m for m in config.models if m.name == "silero_vad"),
+        auth=AuthConfig(api_keys=(API_KEY,)),
+        tls_cert_file=str(certificates / "server.pem"),
+        tls_key_file=str(certificates / "server.key"),
+    )
     thread = ServerThread(config).start()
     yield thread
     thread.stop()
@@ -178,6 +205,82 @@ def test_warmup_option_checked() -> None:
         cli.config_from_args(cli.build_parser().parse_args(["--warmup", "-1"]))
 
 
+def test_help_states_each_default_once() -> None:
+    parser = cli.build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        text = (formatter._get_help_string(action) or "").replace("%(default)s", "")
+        assert text.count("(default") <= 1, f"{action.option_strings}: {text}"
+    help_text = " ".join(parser.format_help().split())
+    assert "(default: 0, every chunk)" in help_text
+    assert "(default: 0.0)" not in help_text
+
+
+# Connection options
+
+
+def test_connection_defaults_plaintext_no_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STREAMINFER_API_KEY", raising=False)
+    config = cli.config_from_args(cli.build_parser().parse_args([]))
+
+    assert config.api_key is None
+    assert config.tls is False
+    assert config.ca_file is None
+    [client, *_] = create_clients(config)
+    assert client._credentials is None
+    assert client._metadata is None
+
+
+def test_api_key_from_option_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMINFER_API_KEY", "from-environment")
+    parser = cli.build_parser()
+
+    assert cli.config_from_args(parser.parse_args([])).api_key == "from-environment"
+    assert cli.config_from_args(parser.parse_args(["--api-key", "from-option"])).api_key == "from-option"
+    # The key is not shown as the option's default in --help.
+    assert "from-environment" not in parser.format_help()
+    config = cli.config_from_args(parser.parse_args(["--connections", "2"]))
+    clients = create_clients(config)
+    assert len(clients) == 2
+    assert all(dict(client._metadata)["x-api-key"] == "from-environment" for client in clients)
+
+
+def test_padded_api_key_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STREAMINFER_API_KEY", raising=False)
+    with pytest.raises(ValueError, match=r"--api-key \(or STREAMINFER_API_KEY\) is invalid"):
+        cli.config_from_args(cli.build_parser().parse_args(["--api-key", "key "]))
+
+
+def test_tls_options_build_credentials(certificates: pathlib.Path) -> None:
+    parser = cli.build_parser()
+    with_ca = cli.config_from_args(parser.parse_args(["--ca-file", str(certificates / "ca.pem")]))
+    default_roots = cli.config_from_args(parser.parse_args(["--tls"]))
+
+    # --ca-file implies --tls.
+    assert with_ca.tls is True
+    assert with_ca.ca_file == str(certificates / "ca.pem")
+    assert default_roots.tls is True
+    assert default_roots.ca_file is None
+    assert all(client._credentials is not None for client in create_clients(with_ca) + create_clients(default_roots))
+
+
+def test_unreadable_ca_file_refused(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "absent.pem"
+    with pytest.raises(ValueError, match=r"--ca-file '.*absent.pem' could not be read"):
+        cli.config_from_args(cli.build_parser().parse_args(["--ca-file", str(path)]))
+
+
+def test_connection_hints() -> None:
+    plaintext = LoadConfig()
+    closed = {"UNAVAILABLE": "failed to connect to all addresses; last error: UNAVAILABLE: 127.0.0.1:1: Socket closed"}
+
+    assert "add --tls" in cli.connection_hint(closed, plaintext)
+    assert cli.connection_hint(closed, LoadConfig(tls=True)) == ""
+    assert "pass the key with --api-key" in cli.connection_hint({"UNAUTHENTICATED": "requires a key"}, plaintext)
+    assert "check the API key" in cli.connection_hint({"UNAUTHENTICATED": "not accepted"}, LoadConfig(api_key="k"))
+    assert cli.connection_hint({"OK": ""}, plaintext) == ""
+
+
 # Histograms merged across processes
 
 
@@ -318,6 +421,56 @@ def test_two_processes(vad_server: ServerThread, tmp_path, capsys) -> None:
     # Each stream sends 2 s of 32 ms chunks (62 or 63); the two processes' figures are merged.
     assert 2 * 62 <= c["chunks_sent"] <= 2 * 63
     assert report["histograms"]["counters"]["chunks_sent"] == c["chunks_sent"]
+
+
+def test_run_with_tls_and_api_key(
+    secured_vad_server: ServerThread, certificates: pathlib.Path, tmp_path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STREAMINFER_API_KEY", API_KEY)
+    status, report, out = _run(
+        tmp_path, capsys, secured_vad_server.target, "--ca-file", str(certificates / "ca.pem"),
+        "--concurrency", "1", "--duration", "1",
+    )
+
+    assert status == 0
+    assert report["status_codes"] == {"OK": 1}
+    _check_counts(report)
+    assert report["settings"]["tls"] is True
+    assert report["settings"]["api_key_sent"] is True
+    assert API_KEY not in (tmp_path / "report.json").read_text()
+
+
+def test_run_with_wrong_api_key_hints(
+    secured_vad_server: ServerThread, certificates: pathlib.Path, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report_path = tmp_path / "report.json"
+    status = cli.main(
+        ["--target", secured_vad_server.target, "--media-dir", str(MEDIA), "--quiet", "--json", str(report_path),
+         "--tls", "--ca-file", str(certificates / "ca.pem"), "--api-key", "not-the-key",
+         "--concurrency", "1", "--duration", "1", "--drain", "5"]
+    )
+
+    report = json.loads(report_path.read_text())
+    assert status == 3
+    assert report["status_codes"] == {"UNAUTHENTICATED": 1}
+    assert "not accepted" in report["status_messages"]["UNAUTHENTICATED"]
+    assert report["counts"]["streams_failed"] == 1
+    assert "streaminfer-loadtest: hint: check the API key" in capsys.readouterr().err
+
+
+def test_plaintext_run_tls_server_hints(
+    secured_vad_server: ServerThread, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report_path = tmp_path / "report.json"
+    status = cli.main(
+        ["--target", secured_vad_server.target, "--media-dir", str(MEDIA), "--quiet", "--json", str(report_path),
+         "--api-key", API_KEY, "--concurrency", "1", "--duration", "1", "--drain", "5"]
+    )
+
+    report = json.loads(report_path.read_text())
+    assert status == 3
+    assert list(report["status_codes"]) == ["UNAVAILABLE"]
+    assert "streaminfer-loadtest: hint: if the server uses TLS, add --tls" in capsys.readouterr().err
 
 
 def test_bad_options_are_refused() -> None:

@@ -16,7 +16,7 @@ from client_fakes import FakeServer, write_wav
 from streaminfer.client import ChunkFailed, ChunksAcked, Modality, Result, StreamEnded, StreamRolledOver
 from streaminfer.client._output import event_json, format_event, summary_json, summary_lines
 from streaminfer.client._tracker import ChunkTracker
-from streaminfer.client.cli import main
+from streaminfer.client.cli import build_parser, main, plan_stream
 from streaminfer.v1 import streaminfer_pb2 as pb
 
 
@@ -183,6 +183,79 @@ def test_stream_help_states_units_and_defaults(capsys: pytest.CaptureFixture[str
     assert "silero_vad for audio, hog_people and haar_faces for video, minilm_embedding for text" in text
     assert "stop each medium after this many seconds of media time" in text
     assert "(default: no limit)" in text
+
+
+def test_stream_help_scheduling_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["stream", "--help"])
+
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--priority {interactive,bulk}" in text
+    assert "(default: interactive, the server's default)" in text
+    assert "--chunk-budget-ms MS milliseconds after the server reads a chunk" in text
+    assert "(default: the server's budget, limits.chunk_latency_budget_ms in its config, 5000 unless changed)" in text
+    assert "--video-overflow {keep-latest,backpressure}" in text
+    assert "(default: keep-latest, the server's default)" in text
+
+
+def test_infer_help_description(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["infer", "--help"])
+
+    usage, description = capsys.readouterr().out.split("\n\n")[:2]
+    assert usage.startswith("usage: streaminfer-client infer")
+    assert description.startswith("Run one model on one input (text, a text file, a WAV file or an image)")
+
+
+def test_scheduling_options_reach_config(tmp_path: pathlib.Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("One line.\n", encoding="utf-8")
+
+    args = build_parser().parse_args(
+        [
+            "stream", "--text", str(text), "--priority", "bulk", "--chunk-budget-ms", "250",
+            "--video-overflow", "backpressure",
+        ]
+    )
+    config = plan_stream(args).config
+    defaults = plan_stream(build_parser().parse_args(["stream", "--text", str(text)])).config
+
+    assert config.priority == pb.PRIORITY_BULK
+    assert config.chunk_latency_budget.ToNanoseconds() == 250_000_000
+    assert config.video_overflow_policy == pb.OVERFLOW_POLICY_BACKPRESSURE
+    assert plan_stream(build_parser().parse_args(
+        ["stream", "--text", str(text), "--priority", "interactive", "--video-overflow", "keep-latest"]
+    )).config.video_overflow_policy == pb.OVERFLOW_POLICY_KEEP_LATEST
+    assert defaults.priority == pb.PRIORITY_UNSPECIFIED
+    assert not defaults.HasField("chunk_latency_budget")
+    assert defaults.video_overflow_policy == pb.OVERFLOW_POLICY_UNSPECIFIED
+
+
+@pytest.mark.parametrize("argv", [["--priority", "urgent"], ["--chunk-budget-ms", "0"], ["--video-overflow", "drop"]])
+def test_scheduling_options_reject_bad_values(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["stream", "--text", "notes.txt", *argv])
+
+    assert exited.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_cli_audio_chunk_over_limit(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    wav = tmp_path / "speech.wav"
+    # 2 s of 48 kHz stereo: one 2000 ms chunk has 384000 bytes, over the fake server's 262144.
+    write_wav(wav, rate=48000, channels=2, frames=96000)
+
+    with FakeServer(window=4) as server:
+        status = main(
+            ["stream", "--target", server.target, "--audio", str(wav), "--chunk-ms", "2000", "--speed", "0"],
+            out=io.StringIO(),
+        )
+
+    error = capsys.readouterr().err
+    assert status == 2
+    assert "--chunk-ms 2000 is too long for this server: audio chunk of 384000 bytes is over the stream's " \
+        "max_audio_chunk_bytes of 262144 bytes" in error
+    assert server.service.stream_requests == []
 
 
 def test_cli_nothing_to_stream(capsys: pytest.CaptureFixture[str]) -> None:
@@ -395,6 +468,27 @@ def test_cli_api_key_from_option_and_environment(monkeypatch: pytest.MonkeyPatch
 
     keys = [metadata.get("x-api-key") for metadata in server.service.metadata["ListModels"]]
     assert keys == ["from-option", "from-environment", "override", None]
+
+
+def test_cli_unauthenticated_hint_per_key(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("STREAMINFER_API_KEY", raising=False)
+    hints = []
+    with FakeServer() as server:
+        for argv, environment in (([], None), (["--api-key", "wrong"], None), ([], "wrong-from-environment")):
+            if environment is not None:
+                monkeypatch.setenv("STREAMINFER_API_KEY", environment)
+            server.service.reject("ListModels", grpc.StatusCode.UNAUTHENTICATED)
+            assert main(["models", "--target", server.target, "--retries", "0", *argv], out=io.StringIO()) == 1
+            [hint] = [line for line in capsys.readouterr().err.splitlines() if "hint:" in line]
+            hints.append(hint.removeprefix("streaminfer-client: hint: "))
+
+    assert hints == [
+        "pass the key with --api-key or the STREAMINFER_API_KEY environment variable",
+        "check the API key from --api-key: the server does not accept it",
+        "check the API key from the STREAMINFER_API_KEY environment variable: the server does not accept it",
+    ]
 
 
 def test_cli_retries_option() -> None:

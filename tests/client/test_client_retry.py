@@ -46,7 +46,10 @@ def _retrier(policy: RetryPolicy, sleep: FakeSleep, fraction: float = 0.0) -> Re
 
 def _client(target: str, sleep: FakeSleep, policy: RetryPolicy | None = None, **kwargs: object) -> AsyncClient:
     client = AsyncClient(target, retry_policy=policy, **kwargs)  # type: ignore[arg-type]
-    client._retrier = _retrier(client.retry_policy, sleep)
+    client._retrier = Retrier(
+        client.retry_policy, sleep=sleep, random_fraction=lambda: 0.0, clock=sleep.clock,
+        failure_hint=client._failure_hint,
+    )
     return client
 
 
@@ -124,6 +127,49 @@ def test_error_carries_pushback() -> None:
     assert not no_retry.retryable
     assert without.retry_pushback_s is None
     assert without.retryable
+
+
+TLS_FAILURE = (
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:50051: Tls handshake failed "
+    "(TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: "
+    "unable to get local issuer certificate"
+)
+SOCKET_CLOSED = "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:50051: Socket closed"
+
+
+@pytest.mark.parametrize(
+    "details",
+    [TLS_FAILURE, "Ssl handshake failed: SSL_ERROR_SSL", "handshake: CERTIFICATE_VERIFY_FAILED"],
+)
+def test_tls_handshake_failure_not_retryable(details: str) -> None:
+    error = error_from_rpc_error(rpc_error(grpc.StatusCode.UNAVAILABLE, details))
+
+    assert isinstance(error, UnavailableError)
+    assert not error.retryable
+
+
+def test_other_unavailable_stays_retryable() -> None:
+    assert error_from_rpc_error(rpc_error(grpc.StatusCode.UNAVAILABLE, SOCKET_CLOSED)).retryable
+    assert error_from_rpc_error(_unavailable()).retryable
+
+
+def test_tls_handshake_failure_not_retried() -> None:
+    sleep = FakeSleep()
+    attempt = FailingThenOk(rpc_error(grpc.StatusCode.UNAVAILABLE, TLS_FAILURE))
+
+    with pytest.raises(UnavailableError) as caught:
+        asyncio.run(_retrier(RetryPolicy(), sleep).run(attempt, name="ListModels"))
+
+    assert not caught.value.retryable
+    assert sleep.waits == []
+    assert len(attempt.timeouts) == 1
+
+
+def test_tls_failure_marked_retryable_not_retried() -> None:
+    # An error built by hand may have retryable True, so the retrier checks the details too.
+    error = UnavailableError(TLS_FAILURE, grpc.StatusCode.UNAVAILABLE, retryable=True)
+
+    assert _retrier(RetryPolicy(), FakeSleep()).wait_s(error, 1) is None
 
 
 # The retry loop
@@ -245,6 +291,57 @@ def test_retry_logged_at_info(caplog: pytest.LogCaptureFixture) -> None:
     message = record.getMessage()
     assert "Stream setup failed with UNAVAILABLE (attempt 1 of 5)" in message
     assert "retrying in 0.250 s as the server requested" in message
+
+
+def test_failure_hint_ends_the_warning(caplog: pytest.LogCaptureFixture) -> None:
+    sleep = FakeSleep()
+    retrier = Retrier(
+        RetryPolicy(max_attempts=1), sleep=sleep, clock=sleep.clock, failure_hint=lambda error: "try this"
+    )
+    attempt = FailingThenOk(_unavailable())
+
+    with caplog.at_level(logging.WARNING, logger="streaminfer.client._retry"), pytest.raises(UnavailableError):
+        asyncio.run(retrier.run(attempt, name="Infer"))
+
+    [record] = caplog.records
+    assert record.getMessage() == "Infer failed after 1 attempt(s): UNAVAILABLE: the server is overloaded; try this"
+
+
+def test_plaintext_socket_closed_hints_tls(caplog: pytest.LogCaptureFixture) -> None:
+    sleep = FakeSleep()
+    client = _client("127.0.0.1:50051", sleep, RetryPolicy(max_attempts=3))
+    attempt = FailingThenOk(*[rpc_error(grpc.StatusCode.UNAVAILABLE, SOCKET_CLOSED)] * 6)
+
+    async def scenario() -> None:
+        await client._retrier.run(attempt, name="ListModels")
+
+    with caplog.at_level(logging.WARNING, logger="streaminfer.client._retry"):
+        with pytest.raises(UnavailableError) as caught:
+            asyncio.run(scenario())
+        # Retried as before: a restarting server closes sockets too.
+        assert len(attempt.timeouts) == 3
+        assert caught.value.retryable
+        with pytest.raises(UnavailableError):
+            asyncio.run(scenario())
+
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 2
+    assert warnings[0].startswith("ListModels failed after 3 attempt(s): UNAVAILABLE: ")
+    assert "Socket closed; this client connects to 127.0.0.1:50051 without TLS" in warnings[0]
+    assert "pass credentials=tls_credentials(...) to the client" in warnings[0]
+    # Once per client: the next failure is logged without the advice.
+    assert warnings[1] == f"ListModels failed after 3 attempts: UNAVAILABLE: {SOCKET_CLOSED}"
+
+
+def test_tls_client_gets_no_plaintext_hint() -> None:
+    client = AsyncClient("127.0.0.1:50051", credentials=grpc.ssl_channel_credentials())
+    plaintext = AsyncClient("127.0.0.1:50051")
+    socket_closed = error_from_rpc_error(rpc_error(grpc.StatusCode.UNAVAILABLE, SOCKET_CLOSED))
+    overloaded = error_from_rpc_error(_unavailable())
+
+    assert client._failure_hint(socket_closed) == ""
+    assert plaintext._failure_hint(overloaded) == ""
+    assert "tls_credentials" in plaintext._failure_hint(socket_closed)
 
 
 # Through the client, against a fake server

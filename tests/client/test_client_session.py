@@ -419,3 +419,114 @@ def test_oversized_frame_rejected_locally() -> None:
         await session.aclose()
 
     run(scenario)
+
+
+def test_oversized_audio_rejected_locally() -> None:
+    async def scenario() -> None:
+        session, call = await _open(window=4)
+        limit = session.limits.max_audio_chunk_bytes
+
+        # Over gRPC's message limit as well: sent, it would end the whole call.
+        with pytest.raises(ValueError) as caught:
+            await session.send_audio(b"\0" * (20 * 1024 * 1024))
+        message = str(caught.value)
+        assert f"audio chunk of {20 * 1024 * 1024} bytes is over the stream's max_audio_chunk_bytes" in message
+        assert f"of {limit} bytes: send shorter chunks" in message
+        with pytest.raises(ValueError, match=f"audio chunk of {limit + 1} bytes"):
+            await session.send_audio(b"\0" * (limit + 1))
+
+        # Nothing was written, and no sequence number or window slot was taken.
+        assert call.chunks("audio") == []
+        assert session.in_flight == 0
+        assert session.stats.modality(Modality.AUDIO).sent == 0
+        assert await session.send_audio(b"\0" * limit) == 1
+        call.ack(pb.MODALITY_AUDIO, 1, 1)
+        call.finish()
+        events = [event async for event in session]
+        assert not any(isinstance(event, ChunkFailed) for event in events)
+
+    run(scenario)
+
+
+def test_oversized_text_rejected_locally() -> None:
+    async def scenario() -> None:
+        session, call = await _open(window=4)
+        limit = session.limits.max_text_chunk_bytes
+
+        # Two bytes per character in UTF-8: the limit applies to the encoded text.
+        with pytest.raises(ValueError, match=f"text chunk of {limit + 2} bytes is over the stream's "
+                           f"max_text_chunk_bytes of {limit} bytes: send the text in smaller pieces"):
+            await session.send_text("é" * (limit // 2 + 1))
+
+        assert call.chunks("text") == []
+        assert await session.send_text(b"x" * limit) == 1
+        await session.aclose()
+
+    run(scenario)
+
+
+def test_size_checks_follow_server_limits() -> None:
+    async def scenario() -> None:
+        call = FakeStreamCall(4)
+        session = await StreamSession.open(call, CONFIG, clock=FakeClock())
+        # A server that reports no limit (0) gets no client-side check.
+        session.accepted.limits.max_audio_chunk_bytes = 0
+        session.accepted.limits.max_text_chunk_bytes = 8
+
+        assert await session.send_audio(b"\0" * (1024 * 1024)) == 1
+        with pytest.raises(ValueError, match="text chunk of 9 bytes is over the stream's max_text_chunk_bytes of 8"):
+            await session.send_text("123456789")
+        await session.aclose()
+
+    run(scenario)
+
+
+def test_stream_config_scheduling_fields() -> None:
+    config = stream_config(
+        ["hog_people"], priority="bulk", chunk_latency_budget_s=0.25, video_overflow_policy="backpressure"
+    )
+
+    assert config.priority == pb.PRIORITY_BULK
+    assert config.chunk_latency_budget.ToNanoseconds() == 250_000_000
+    assert config.video_overflow_policy == pb.OVERFLOW_POLICY_BACKPRESSURE
+    interactive = stream_config(["hog_people"], priority="interactive", video_overflow_policy="keep_latest")
+    assert interactive.priority == pb.PRIORITY_INTERACTIVE
+    assert interactive.video_overflow_policy == pb.OVERFLOW_POLICY_KEEP_LATEST
+
+
+def test_stream_config_scheduling_defaults() -> None:
+    config = stream_config(["hog_people"])
+
+    assert config.priority == pb.PRIORITY_UNSPECIFIED
+    assert not config.HasField("chunk_latency_budget")
+    assert config.video_overflow_policy == pb.OVERFLOW_POLICY_UNSPECIFIED
+
+
+def test_scheduling_fields_reach_the_wire() -> None:
+    config = stream_config(["silero_vad"], priority="bulk", chunk_latency_budget_s=1.5)
+
+    async def scenario() -> None:
+        call = FakeStreamCall(2)
+        session = await StreamSession.open(call, config, clock=FakeClock())
+        sent = call.requests[0].config
+        assert sent.priority == pb.PRIORITY_BULK
+        assert sent.chunk_latency_budget.ToNanoseconds() == 1_500_000_000
+        await session.aclose()
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"priority": "urgent"}, "priority 'urgent' is invalid: expected one of interactive, bulk"),
+        ({"video_overflow_policy": "keep-latest"}, "video_overflow_policy 'keep-latest' is invalid: expected one of "
+         "keep_latest, backpressure"),
+        ({"chunk_latency_budget_s": 0}, r"chunk_latency_budget_s = 0 is invalid: expected seconds > 0, or None"),
+        ({"chunk_latency_budget_s": -1.0}, r"chunk_latency_budget_s = -1.0 is invalid"),
+        ({"chunk_latency_budget_s": float("inf")}, r"chunk_latency_budget_s = inf is invalid"),
+    ],
+)
+def test_stream_config_rejects_bad_scheduling(arguments: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        stream_config(["hog_people"], **arguments)  # type: ignore[arg-type]

@@ -4,43 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import pathlib
-import shutil
-import subprocess
 
 import grpc
 import pytest
+from certificates import make_certificates
 from client_fakes import FakeServer
 
 from streaminfer.client import AsyncClient, RetryPolicy, UnavailableError, tls_credentials
 from streaminfer.client.cli import main
 
 
-def _openssl(*arguments: str | pathlib.Path) -> None:
-    subprocess.run(["openssl", *map(str, arguments)], check=True, capture_output=True, timeout=60)
-
-
-def _signed_certificate(directory: pathlib.Path, name: str, extensions: str) -> None:
-    """Write NAME.key and NAME.pem, signed by ca.key, with the given X.509 v3 extensions."""
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", directory / f"{name}.key",
-             "-subj", f"/CN={name}", "-out", directory / f"{name}.csr")
-    (directory / f"{name}.ext").write_text(extensions, encoding="ascii")
-    _openssl("x509", "-req", "-in", directory / f"{name}.csr", "-CA", directory / "ca.pem",
-             "-CAkey", directory / "ca.key", "-CAcreateserial", "-days", "2",
-             "-extfile", directory / f"{name}.ext", "-out", directory / f"{name}.pem")
-
-
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """A test CA, a server certificate for 127.0.0.1 and a client certificate, all in one directory."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make the test certificates")
-    directory = tmp_path_factory.mktemp("tls")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", directory / "ca.key",
-             "-subj", "/CN=streaminfer test CA", "-days", "2", "-out", directory / "ca.pem")
-    _signed_certificate(directory, "server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-    _signed_certificate(directory, "client", "extendedKeyUsage=clientAuth\n")
-    return directory
+    return make_certificates(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture
@@ -75,6 +54,43 @@ def test_missing_client_certificate_fails(tls_server: FakeServer, certificates: 
 
     with pytest.raises(UnavailableError):
         asyncio.run(scenario())
+
+
+def test_untrusted_certificate_not_retryable(tls_server: FakeServer, caplog: pytest.LogCaptureFixture) -> None:
+    # gRPC's default roots do not include the test CA.
+    credentials = tls_credentials()
+
+    async def scenario() -> None:
+        async with AsyncClient(tls_server.target, credentials=credentials) as client:
+            await client.list_models(timeout=10)
+
+    with caplog.at_level(logging.INFO, logger="streaminfer.client"), pytest.raises(UnavailableError) as caught:
+        asyncio.run(scenario())
+
+    assert not caught.value.retryable
+    assert "CERTIFICATE_VERIFY_FAILED" in caught.value.details
+    assert not any("retrying" in record.getMessage() for record in caplog.records)
+
+
+def test_plaintext_to_tls_server_hints_credentials(
+    tls_server: FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    policy = RetryPolicy(max_attempts=2, initial_backoff_s=0.01, max_backoff_s=0.01)
+
+    async def scenario() -> None:
+        async with AsyncClient(tls_server.target, retry_policy=policy) as client:
+            await client.list_models(timeout=10)
+
+    with caplog.at_level(logging.INFO, logger="streaminfer.client"), pytest.raises(UnavailableError) as caught:
+        asyncio.run(scenario())
+
+    assert "Socket closed" in caught.value.details
+    assert caught.value.retryable
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("(attempt 1 of 2); retrying" in message for message in messages)
+    [warning] = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert f"this client connects to {tls_server.target} without TLS" in warning
+    assert "pass credentials=tls_credentials(...) to the client" in warning
 
 
 def test_cli_with_client_certificate(

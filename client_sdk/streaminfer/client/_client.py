@@ -9,7 +9,7 @@ from typing import TypeVar
 import grpc
 
 from streaminfer.client._config import AudioFormat, VideoFormat
-from streaminfer.client._errors import error_from_rpc_error
+from streaminfer.client._errors import RpcError, error_from_rpc_error
 from streaminfer.client._options import (
     API_KEY_METADATA_KEY,
     DEFAULT_PORT,
@@ -65,8 +65,10 @@ class AsyncClient:
     call; every later call must run on the same loop. Errors are raised as
     ``StreaminferError`` subclasses with the gRPC code and the server's message.
 
-    ``credentials`` turns on TLS (see ``tls_credentials``). ``api_key`` is
-    sent in the ``x-api-key`` metadata of every call. ``retry_policy`` sets
+    ``credentials`` turns on TLS (see ``tls_credentials``). Without it, a call
+    that finally fails because the server closed the connection ("Socket
+    closed") logs a warning that a TLS server needs credentials. ``api_key``
+    is sent in the ``x-api-key`` metadata of every call. ``retry_policy`` sets
     how unary calls and stream setup rejected with UNAVAILABLE or
     RESOURCE_EXHAUSTED are retried; the default is ``RetryPolicy()``.
     """
@@ -85,10 +87,11 @@ class AsyncClient:
         self.retry_policy = retry_policy or RetryPolicy()
         self._credentials = credentials
         self._metadata = _call_metadata(self.options, api_key)
-        self._retrier = Retrier(self.retry_policy)
+        self._retrier = Retrier(self.retry_policy, failure_hint=self._failure_hint)
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.InferenceServiceStub | None = None
         self._closed = False
+        self._tls_hint_given = False
         if api_key and credentials is None and not is_loopback_target(self.target):
             logger.warning(
                 "the API key will be sent to %s without TLS, readable by anyone on the network path", self.target
@@ -107,6 +110,28 @@ class AsyncClient:
             await self._channel.close()
             self._channel = None
             self._stub = None
+
+    def _failure_hint(self, error: RpcError) -> str:
+        """Return advice for the error a call finally failed with, or an empty string.
+
+        The TLS advice is given once per client, so that a client whose calls
+        all fail the same way logs it once.
+        """
+        if (
+            self._credentials is None
+            and not self._tls_hint_given
+            and error.code == grpc.StatusCode.UNAVAILABLE
+            and "Socket closed" in error.details
+        ):
+            # A TLS server closes a plaintext connection during the handshake.
+            # So does a server that is restarting, so such calls are still retried.
+            self._tls_hint_given = True
+            return (
+                f"this client connects to {self.target} without TLS, and a server that uses TLS closes such "
+                "connections: if it does, pass credentials=tls_credentials(...) to the client, with ca_file "
+                "for a server certificate from a private CA"
+            )
+        return ""
 
     def _get_stub(self) -> pb_grpc.InferenceServiceStub:
         if self._closed:

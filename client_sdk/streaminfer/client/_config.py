@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Iterable
 
 from streaminfer.v1 import streaminfer_pb2 as pb
@@ -38,6 +39,14 @@ class Modality(enum.IntEnum):
 _AUDIO_ENCODINGS = {
     "linear16": pb.AUDIO_ENCODING_LINEAR16,
     "float32": pb.AUDIO_ENCODING_FLOAT32,
+}
+_PRIORITIES = {
+    "interactive": pb.PRIORITY_INTERACTIVE,
+    "bulk": pb.PRIORITY_BULK,
+}
+_OVERFLOW_POLICIES = {
+    "keep_latest": pb.OVERFLOW_POLICY_KEEP_LATEST,
+    "backpressure": pb.OVERFLOW_POLICY_BACKPRESSURE,
 }
 _IMAGE_ENCODINGS = {
     "jpeg": pb.IMAGE_ENCODING_JPEG,
@@ -115,6 +124,9 @@ def stream_config(
     video: VideoFormat | None = None,
     interim_results: bool = False,
     label: str = "",
+    priority: str | None = None,
+    chunk_latency_budget_s: float | None = None,
+    video_overflow_policy: str | None = None,
 ) -> pb.StreamConfig:
     """Build the first message of a stream.
 
@@ -122,6 +134,17 @@ def stream_config(
     ``(name, modality)`` pairs. ``audio`` is required when an audio model is
     selected and ``video`` when a video model is; the server rejects the
     stream otherwise.
+
+    ``priority`` is "interactive" or "bulk": queued interactive work runs
+    before bulk work. ``chunk_latency_budget_s`` is how long, in seconds
+    after the server reads a chunk, its result is still useful. A chunk that
+    cannot get its result in time fails with reason DEADLINE instead of running.
+    ``video_overflow_policy`` is "keep_latest" (when the video falls behind
+    its models, older waiting frames fail with reason OVERFLOW) or
+    "backpressure" (no frame is dropped; the in-flight window holds the
+    sender back). None leaves each to the server's default: interactive, the
+    server's budget (``SessionAccepted.limits.chunk_latency_budget``) and
+    keep_latest.
     """
     selections = []
     for spec in models:
@@ -136,8 +159,27 @@ def stream_config(
         raise ValueError("models is empty: a stream needs at least one model")
 
     config = pb.StreamConfig(models=selections, interim_results=interim_results, label=label)
+    if priority is not None:
+        config.priority = _choice("priority", priority, _PRIORITIES)
+    if chunk_latency_budget_s is not None:
+        # Zero on the wire means the server's budget, so a budget must round to 1 ns or more.
+        if not (math.isfinite(chunk_latency_budget_s) and round(chunk_latency_budget_s * 1e9) > 0):
+            raise ValueError(
+                f"chunk_latency_budget_s = {chunk_latency_budget_s!r} is invalid: "
+                "expected seconds > 0, or None for the server's budget"
+            )
+        config.chunk_latency_budget.FromNanoseconds(round(chunk_latency_budget_s * 1e9))
+    if video_overflow_policy is not None:
+        config.video_overflow_policy = _choice("video_overflow_policy", video_overflow_policy, _OVERFLOW_POLICIES)
     if audio is not None:
         config.audio_format.CopyFrom(audio.to_proto())
     if video is not None:
         config.video_format.CopyFrom(video.to_proto())
     return config
+
+
+def _choice(name: str, value: str, choices: dict[str, int]) -> int:
+    try:
+        return choices[value]
+    except (KeyError, TypeError):
+        raise ValueError(f"{name} {value!r} is invalid: expected one of {', '.join(choices)}") from None

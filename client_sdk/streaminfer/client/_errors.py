@@ -19,7 +19,9 @@
 ``RETRYABLE_CODES`` is the same table's retryable column. A call that ends
 with trailing metadata ``grpc-retry-pushback-ms`` carries the server's retry
 advice on the error: a wait in ``retry_pushback_s``, or ``retryable`` False when
-the value is negative or unparsable.
+the value is negative or unparsable. An UNAVAILABLE error from a failed TLS
+handshake (an untrusted server certificate, for example) has ``retryable``
+False too, since trying again fails the same way.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ __all__ = [
     "UnavailableError",
     "UnimplementedError",
     "error_from_rpc_error",
+    "is_tls_handshake_failure",
 ]
 
 
@@ -155,12 +158,19 @@ RETRYABLE_CODES: frozenset[grpc.StatusCode] = frozenset(
 
 PUSHBACK_METADATA_KEY = "grpc-retry-pushback-ms"
 
+# Parts of grpc's UNAVAILABLE details when the TLS handshake failed, not the
+# server: for example a server certificate that no trusted CA signed.
+TLS_HANDSHAKE_FAILURES = ("CERTIFICATE_VERIFY_FAILED", "Ssl handshake failed", "SSL_ERROR_SSL")
+
 
 def error_from_rpc_error(error: grpc.RpcError) -> RpcError:
     """Build the SDK exception for a failed call; the caller chains it with ``from``."""
     code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
     details = error.details() if callable(getattr(error, "details", None)) else str(error)
     cls, retryable = _ERRORS_BY_CODE.get(code, (InternalError, False))
+    if code == grpc.StatusCode.UNAVAILABLE and is_tls_handshake_failure(details or ""):
+        # The server is up, but the handshake fails the same way every time.
+        retryable = False
     pushback = _pushback_value(error)
     pushback_s = None
     if pushback is not None:
@@ -168,6 +178,11 @@ def error_from_rpc_error(error: grpc.RpcError) -> RpcError:
         if pushback_s is None:
             retryable = False
     return cls(details or "no details from the server", code, retryable=retryable, retry_pushback_s=pushback_s)
+
+
+def is_tls_handshake_failure(details: str) -> bool:
+    """Return True when ``details`` of an UNAVAILABLE status contain a TLS handshake failure marker."""
+    return any(marker in details for marker in TLS_HANDSHAKE_FAILURES)
 
 
 def parse_pushback_s(value: str | bytes) -> float | None:

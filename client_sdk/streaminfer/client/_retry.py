@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import grpc
 
-from streaminfer.client._errors import DeadlineExceededError, RpcError
+from streaminfer.client._errors import DeadlineExceededError, RpcError, is_tls_handshake_failure
 
 __all__ = ["RETRIED_CODES", "RetryPolicy"]
 
@@ -77,7 +77,11 @@ class RetryPolicy:
 
 
 class Retrier:
-    """Runs calls under a ``RetryPolicy``; tests replace ``sleep``, ``random`` and ``clock``."""
+    """Runs calls under a ``RetryPolicy``; tests replace ``sleep``, ``random`` and ``clock``.
+
+    ``failure_hint(error)`` returns advice for the error a call finally fails
+    with, or an empty string. The warning logged at that point ends with it.
+    """
 
     def __init__(
         self,
@@ -86,11 +90,13 @@ class Retrier:
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         random_fraction: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.monotonic,
+        failure_hint: Callable[[RpcError], str] | None = None,
     ) -> None:
         self.policy = policy
         self._sleep = sleep
         self._random_fraction = random_fraction
         self.clock = clock
+        self._failure_hint = failure_hint
 
     def deadline(self, timeout: float | None) -> float | None:
         """Return the clock time ``timeout`` seconds from now, or None for no deadline."""
@@ -117,8 +123,7 @@ class Retrier:
             except RpcError as error:
                 wait_s = self.wait_s(error, attempt_number)
                 if wait_s is None:
-                    if attempt_number > 1:
-                        logger.warning("%s failed after %d attempts: %s", name, attempt_number, error)
+                    self._log_failure(name, attempt_number, error, after_deadline=False)
                     raise
                 remaining = self._remaining_or_none(deadline)
                 if remaining is not None and wait_s >= remaining:
@@ -126,6 +131,7 @@ class Retrier:
                         "%s failed with %s; not retried because the wait of %.3f s ends past the deadline",
                         name, _code_name(error), wait_s,
                     )
+                    self._log_failure(name, attempt_number, error, after_deadline=True)
                     raise
                 logger.info(
                     "%s failed with %s (attempt %d of %d); retrying in %.3f s%s: %s",
@@ -140,15 +146,27 @@ class Retrier:
         if attempt_number >= self.policy.max_attempts or error.code not in RETRIED_CODES:
             return None
         if not error.retryable:
-            # The server's pushback metadata requested no retry.
+            # The server's pushback metadata requested no retry, or the TLS handshake failed.
             return None
-        if any(marker in error.details for marker in _TLS_FAILURES):
+        if is_tls_handshake_failure(error.details):
             # The server is up, but the TLS handshake failed: trying again fails the same way.
             return None
         if error.retry_pushback_s is not None:
             return error.retry_pushback_s
         fraction = 1 - _JITTER * self._random_fraction()
         return self.policy.backoff_s(attempt_number) * fraction
+
+    def _log_failure(self, name: str, attempts: int, error: RpcError, *, after_deadline: bool) -> None:
+        """Warn of a call's final failure when ``failure_hint`` has advice for it, or after retries.
+
+        A call given up for its deadline was logged at INFO already, so it gets
+        a warning only with advice.
+        """
+        hint = self._failure_hint(error) if self._failure_hint is not None else ""
+        if hint:
+            logger.warning("%s failed after %d attempt(s): %s; %s", name, attempts, error, hint)
+        elif attempts > 1 and not after_deadline:
+            logger.warning("%s failed after %d attempts: %s", name, attempts, error)
 
     def _remaining_or_none(self, deadline: float | None) -> float | None:
         return None if deadline is None else deadline - self.clock()
@@ -160,10 +178,6 @@ class Retrier:
                 f"{name} was not started: its deadline passed {-remaining:.3f} s ago", grpc.StatusCode.DEADLINE_EXCEEDED
             )
         return remaining
-
-
-# Parts of grpc's UNAVAILABLE details when the TLS handshake, not the server, failed.
-_TLS_FAILURES = ("CERTIFICATE_VERIFY_FAILED", "Ssl handshake failed", "SSL_ERROR_SSL")
 
 
 def _code_name(error: RpcError) -> str:

@@ -312,8 +312,13 @@ class StreamSession:
     async def send_audio(self, content: bytes, timestamp: float | None = None) -> int:
         """Send audio samples in the stream's audio format; return the chunk's sequence number.
 
-        ``timestamp`` is the media time of the first sample, in seconds.
+        ``timestamp`` is the media time of the first sample, in seconds. Raises
+        ValueError for a chunk over the stream's ``max_audio_chunk_bytes``.
         """
+        self._check_size(
+            "audio chunk", len(content), "max_audio_chunk_bytes", self.limits.max_audio_chunk_bytes,
+            "send shorter chunks, for example of 32 ms as iter_wav_chunks cuts them",
+        )
         return await self._send_chunk(
             Modality.AUDIO,
             lambda number: pb.StreamRequest(
@@ -329,7 +334,10 @@ class StreamSession:
         ``timestamp`` is the frame's media time, in seconds. Raises ValueError
         for a frame over the stream's ``max_frame_bytes``.
         """
-        self._check_frame_size(len(content))
+        self._check_size(
+            "frame", len(content), "max_frame_bytes", self.limits.max_frame_bytes,
+            "lower the resolution or the JPEG quality",
+        )
         return await self._send_chunk(
             Modality.VIDEO,
             lambda number: pb.StreamRequest(
@@ -343,8 +351,14 @@ class StreamSession:
         """Send the next piece of text; return its sequence number.
 
         A ``str`` is encoded as UTF-8. A piece may end inside a sentence or word.
+        Raises ValueError for a piece over the stream's ``max_text_chunk_bytes``
+        once encoded.
         """
         data = text.encode("utf-8") if isinstance(text, str) else text
+        self._check_size(
+            "text chunk", len(data), "max_text_chunk_bytes", self.limits.max_text_chunk_bytes,
+            "send the text in smaller pieces, for example line by line as iter_text_chunks cuts it",
+        )
         return await self._send_chunk(
             Modality.TEXT,
             lambda number: pb.StreamRequest(
@@ -399,16 +413,15 @@ class StreamSession:
                 # The reader sees the call end and half-closes the next stream, if any.
                 logger.debug("stream %s: half-close failed: %s", self.stream_id, error)
 
-    def _check_frame_size(self, size: int) -> None:
-        # The server's gRPC message limit is about max_frame_bytes, so a larger
-        # frame would fail the whole call instead of getting a ChunkError. It
-        # is rejected here, before it takes a sequence number. Oversized audio
-        # and text chunks still fit in a message and get TOO_LARGE errors.
-        limit = self.limits.max_frame_bytes
+    def _check_size(self, kind: str, size: int, limit_name: str, limit: int, advice: str) -> None:
+        # The server rejects a chunk over its limit with a TOO_LARGE ChunkError,
+        # but a chunk over gRPC's message limit (the client's max_message_bytes,
+        # or the server's, about max_frame_bytes) fails the whole call instead.
+        # So a chunk over the stream's limit is rejected here, before it takes
+        # a sequence number. A limit of 0 means the server reported none.
         if limit > 0 and size > limit:
             raise ValueError(
-                f"frame of {size} bytes is over the stream's max_frame_bytes of {limit} bytes: "
-                "lower the resolution or the JPEG quality"
+                f"{kind} of {size} bytes is over the stream's {limit_name} of {limit} bytes: {advice}"
             )
 
     async def _send_chunk(self, modality: Modality, build: Callable[[int], pb.StreamRequest]) -> int:

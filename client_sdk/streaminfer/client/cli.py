@@ -210,6 +210,23 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--interim", action="store_true", help="ask for interim results as well as final ones")
     stream.add_argument("--label", default="", help="free-form label the server writes to its logs")
     stream.add_argument(
+        "--priority", choices=("interactive", "bulk"), default=None,
+        help="scheduling class of the stream's work: the server runs all queued interactive work before bulk "
+        "work (default: interactive, the server's default)",
+    )
+    stream.add_argument(
+        "--chunk-budget-ms", type=_positive_float, default=None, metavar="MS",
+        help="milliseconds after the server reads a chunk that its result is still useful; a chunk that cannot "
+        "get its result in time fails with reason DEADLINE instead of running (default: the server's budget, "
+        "limits.chunk_latency_budget_ms in its config, 5000 unless changed)",
+    )
+    stream.add_argument(
+        "--video-overflow", choices=("keep-latest", "backpressure"), default=None,
+        help="what happens when the video falls behind its models: keep-latest drops older waiting frames, "
+        "each failing with reason OVERFLOW; backpressure drops none and holds the sender back through the "
+        "in-flight window (default: keep-latest, the server's default)",
+    )
+    stream.add_argument(
         "--max-in-flight", type=_positive_int, default=None, metavar="N",
         help="send at most this many unanswered chunks, below the server's limit (default: the server's limit)",
     )
@@ -223,7 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", parents=[common], help="list the models the server serves")
     models.add_argument("name", nargs="?", help="show one model's metadata instead of the list")
 
-    infer = commands.add_parser("infer", parents=[common], help="run one model on one input")
+    infer = commands.add_parser(
+        "infer",
+        parents=[common],
+        help="run one model on one input",
+        description=(
+            "Run one model on one input (text, a text file, a WAV file or an image) in a single call "
+            "and print every result it returns."
+        ),
+    )
     infer.add_argument("--model", required=True, help="model name, as `models` lists it")
     source = infer.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", metavar="TEXT", help="text to run the model on")
@@ -311,6 +336,9 @@ def plan_stream(args: argparse.Namespace) -> StreamPlan:
             video=VideoFormat("jpeg") if args.video else None,
             interim_results=args.interim,
             label=args.label,
+            priority=args.priority,
+            chunk_latency_budget_s=None if args.chunk_budget_ms is None else args.chunk_budget_ms / 1000,
+            video_overflow_policy=None if args.video_overflow is None else args.video_overflow.replace("-", "_"),
         )
     except ValueError as error:
         raise UsageError(str(error)) from error
@@ -336,7 +364,10 @@ def _read_text(path: str) -> str:
 async def _send_audio(session: StreamSession, path: str, args: argparse.Namespace) -> None:
     chunks = iter_wav_chunks(path, args.chunk_ms, max_seconds=args.max_seconds)
     async for chunk in paced_async(chunks, args.speed):
-        await session.send_audio(chunk.content, chunk.timestamp_s)
+        try:
+            await session.send_audio(chunk.content, chunk.timestamp_s)
+        except ValueError as error:
+            raise UsageError(f"--chunk-ms {args.chunk_ms:g} is too long for this server: {error}") from error
 
 
 async def _send_video(session: StreamSession, path: str, fps: float | None, args: argparse.Namespace) -> None:
@@ -352,7 +383,10 @@ async def _send_video(session: StreamSession, path: str, fps: float | None, args
 async def _send_text(session: StreamSession, text: str, args: argparse.Namespace) -> None:
     chunks = iter_text_chunks(text, words_per_minute=args.text_wpm, max_seconds=args.max_seconds)
     async for chunk in paced_async(chunks, args.speed):
-        await session.send_text(chunk.content, chunk.timestamp_s)
+        try:
+            await session.send_text(chunk.content, chunk.timestamp_s)
+        except ValueError as error:
+            raise UsageError(f"{args.text}: {error}") from error
 
 
 async def _send_all(session: StreamSession, plan: StreamPlan, args: argparse.Namespace) -> None:
@@ -503,7 +537,14 @@ def _hint(error: StreaminferError, args: argparse.Namespace) -> str:
     """Return the command-line option that likely fixes ``error``, or an empty string."""
     details = error.details or ""
     if error.code == grpc.StatusCode.UNAUTHENTICATED:
-        return "pass the key with --api-key or the STREAMINFER_API_KEY environment variable"
+        if not args.api_key:
+            return f"pass the key with --api-key or the {API_KEY_ENVIRONMENT_VARIABLE} environment variable"
+        # The option's default is the variable, so a key equal to it came from there.
+        if args.api_key == os.environ.get(API_KEY_ENVIRONMENT_VARIABLE):
+            source = f"the {API_KEY_ENVIRONMENT_VARIABLE} environment variable"
+        else:
+            source = "--api-key"
+        return f"check the API key from {source}: the server does not accept it"
     if error.code == grpc.StatusCode.UNAVAILABLE and any(
         marker in details for marker in ("CERTIFICATE_VERIFY_FAILED", "Ssl handshake failed")
     ):

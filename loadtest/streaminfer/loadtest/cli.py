@@ -6,10 +6,13 @@ import argparse
 import asyncio
 import dataclasses
 import multiprocessing
+import os
 import queue
 import sys
 import time
 from typing import Any
+
+from streaminfer.client import tls_credentials
 
 from streaminfer.loadtest.media import SIGNALS
 from streaminfer.loadtest.runner import LoadConfig, StreamPlan, plan_streams, run_load
@@ -23,11 +26,15 @@ behind a slower client. Pick one load shape: --concurrency (default 4 streams), 
 or --ramp. Every run ends after --duration seconds plus at most --drain seconds."""
 
 
+# The variable the API key is read from when --api-key is not given, as for streaminfer-client.
+API_KEY_ENVIRONMENT_VARIABLE = "STREAMINFER_API_KEY"
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Add the default to each option's help, except for options whose help already explains an unset default."""
+    """Add the default to each option's help, except where the help states the default itself."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -67,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     audio = parser.add_argument_group("audio")
     audio.add_argument("--chunk-ms", type=float, default=32.0, metavar="MS", help="audio chunk length in milliseconds; one chunk is sent per chunk length")
-    audio.add_argument("--sample-rate", type=int, default=16_000, metavar="HZ", help="audio sample rate in hertz (16-bit mono PCM)")
+    audio.add_argument("--sample-rate", type=int, default=16_000, metavar="HZ", help="audio sample rate in hertz, of 16-bit mono PCM")
     audio.add_argument("--signal", choices=SIGNALS, default=None,
                        help="send a generated signal instead of media/audio/speech_sample.wav (default: the WAV file)")
     audio.add_argument("--audio-model", default="silero_vad", help="model of audio streams")
@@ -87,7 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--media-dir", default="media", metavar="DIR", help="folder holding audio/, video/ and text/ samples")
     run.add_argument("--connections", type=int, default=4, metavar="N", help="gRPC channels (HTTP/2 connections) per process; streams take them in turn")
     run.add_argument("--processes", type=int, default=1, metavar="N", help="worker processes; streams are split among them and their histograms merged")
-    run.add_argument("--retries", type=int, default=0, metavar="N", help="retries of a rejected stream setup (0: a rejection counts as a failed stream)")
+    run.add_argument("--retries", type=int, default=0, metavar="N", help="retries of a rejected stream setup; with 0 a rejection counts as a failed stream")
+
+    connect = parser.add_argument_group("connection")
+    connect.add_argument("--api-key", default=None, metavar="KEY",
+                         help=f"API key, sent in the x-api-key metadata of every stream, for a server with [auth] keys "
+                         f"(default: the {API_KEY_ENVIRONMENT_VARIABLE} environment variable, which keeps the key out "
+                         "of the process list; none when unset)")
+    connect.add_argument("--tls", action="store_true",
+                         help="connect with TLS, trusting gRPC's default root certificates unless --ca-file is given "
+                         "(default: plaintext)")
+    connect.add_argument("--ca-file", default=None, metavar="PEM",
+                         help="PEM file of the CA certificates that signed the server's certificate; implies --tls")
 
     out = parser.add_argument_group("output")
     out.add_argument("--json", default=None, metavar="FILE", help="write the full report, histograms included, as JSON (default: none)")
@@ -126,14 +144,41 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
     concurrency = args.concurrency
     if concurrency is None and args.arrival_rate is None and ramp is None:
         concurrency = 4
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENVIRONMENT_VARIABLE)
+    api_key = api_key or None
+    if api_key is not None and api_key != api_key.strip():
+        raise ValueError(
+            f"--api-key (or {API_KEY_ENVIRONMENT_VARIABLE}) is invalid: expected a key without leading or "
+            "trailing whitespace"
+        )
+    if args.ca_file is not None:
+        try:
+            # Read once here, so that a bad file stops the run before any stream. Each process reads it again.
+            tls_credentials(args.ca_file)
+        except ValueError as error:
+            raise ValueError(str(error).replace("ca_file", "--ca-file", 1)) from error
     return LoadConfig(
         target=args.target, scenario=args.scenario, mix=mix, duration_s=args.duration, stream_s=args.stream_seconds,
         concurrency=concurrency, arrival_rate=args.arrival_rate, ramp=ramp, seed=args.seed, max_streams=args.max_streams,
         budget_ms=args.budget_ms, warmup_s=args.warmup, drain_s=args.drain, chunk_ms=args.chunk_ms, sample_rate=args.sample_rate,
         signal=args.signal, media_dir=args.media_dir, fps=args.fps, wpm=args.wpm, audio_model=args.audio_model,
         video_model=args.video_model, text_model=args.text_model, connections=args.connections, retries=args.retries,
-        progress=not args.quiet,
+        progress=not args.quiet, api_key=api_key, tls=args.tls or args.ca_file is not None, ca_file=args.ca_file,
     )
+
+
+def connection_hint(status_messages: dict[str, str], config: LoadConfig) -> str:
+    """Return the option that likely fixes the failed streams, from the first message per status, or ''."""
+    if "UNAUTHENTICATED" in status_messages:
+        if config.api_key is None:
+            return f"pass the key with --api-key or the {API_KEY_ENVIRONMENT_VARIABLE} environment variable"
+        return f"check the API key from --api-key or {API_KEY_ENVIRONMENT_VARIABLE}: the server does not accept it"
+    unavailable = status_messages.get("UNAVAILABLE", "")
+    if "CERTIFICATE_VERIFY_FAILED" in unavailable:
+        return "the server's certificate is not trusted: pass its CA with --ca-file"
+    if "Socket closed" in unavailable and not config.tls:
+        return "if the server uses TLS, add --tls (and --ca-file for a private CA)"
+    return ""
 
 
 def offered_load(config: LoadConfig) -> dict[str, Any]:
@@ -290,11 +335,17 @@ def main(argv: list[str] | None = None) -> int:
             server = {"url": args.metrics_url, "models": server_metrics.server_breakdown(before, server_metrics.fetch(args.metrics_url))}
         except OSError as error:
             server = {"url": args.metrics_url, "error": f"cannot read the page after the run: {error}", "models": {}}
-    settings = {key: value for key, value in dataclasses.asdict(config).items() if key != "ramp"}
+    # The report names whether a key was sent, never the key.
+    hidden = ("ramp", "api_key")
+    settings = {key: value for key, value in dataclasses.asdict(config).items() if key not in hidden}
+    settings["api_key_sent"] = config.api_key is not None
     settings["ramp"] = args.ramp
     settings["processes"] = args.processes
     report = reporting.build_report(recorder, settings, wall, offered_load(config), ramp_result, server)
     print(reporting.format_summary(report))
+    hint = connection_hint(report.get("status_messages", {}), config)
+    if hint:
+        print(f"streaminfer-loadtest: hint: {hint}", file=sys.stderr)
     if args.json:
         reporting.write_json(args.json, report)
     if args.plot:

@@ -28,6 +28,7 @@ from streaminfer.client import (
     StreaminferError,
     VideoFormat,
     stream_config,
+    tls_credentials,
 )
 
 from streaminfer.loadtest.media import AudioSource, TextSource, VideoSource
@@ -71,6 +72,11 @@ class LoadConfig:
     connections: int = 4
     retries: int = 0
     progress: bool = True
+    # Sent in the x-api-key metadata of every stream; None sends none.
+    api_key: str | None = None
+    # TLS, trusting ca_file's certificates, or gRPC's default roots without one.
+    tls: bool = False
+    ca_file: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -458,8 +464,7 @@ class LoadRun:
         loop = asyncio.get_running_loop()
         start_wall = t0_wall if t0_wall is not None else time.time() + 0.5
         self.t0 = loop.time() + (start_wall - time.time())
-        policy = RetryPolicy(max_attempts=1 + self.config.retries)
-        self.clients = [AsyncClient(self.config.target, retry_policy=policy) for _ in range(max(1, self.config.connections))]
+        self.clients = create_clients(self.config)
         reporter = asyncio.create_task(self._progress(progress)) if progress is not None else None
         # A hard bound on the whole run, in case a stream's own deadline does not end it.
         hard_limit = self.config.duration_s + self.config.drain_s + 30.0 + max(0.0, self.t0 - loop.time())
@@ -478,6 +483,16 @@ class LoadRun:
             for client in self.clients:
                 await client.close()
         return self.recorder
+
+
+def create_clients(config: LoadConfig) -> list[AsyncClient]:
+    """Create one client per connection, each with the run's retries, TLS credentials and API key."""
+    policy = RetryPolicy(max_attempts=1 + config.retries)
+    credentials = tls_credentials(config.ca_file) if config.tls or config.ca_file else None
+    return [
+        AsyncClient(config.target, credentials=credentials, api_key=config.api_key, retry_policy=policy)
+        for _ in range(max(1, config.connections))
+    ]
 
 
 def _count_above(histogram: Any, limit_us: float) -> int:
