@@ -5,7 +5,8 @@ Each offered load is a number of real-time VAD streams, opened over
 order, ten to a connection, so the streams admitted share connections alike
 at every offered load. Per stream, the load generator records whether it was
 admitted and the latency of every chunk from its scheduled send time to its
-ChunkAck. A stream meets its budget when it was admitted, every chunk was
+ChunkAck. A process of its own calls the health check every 0.1 s and times
+each call. A stream meets its budget when it was admitted, every chunk was
 acknowledged, and at least 99 % of its chunks were acknowledged within
 ``--budget-ms``. Goodput is the number of streams that met their budget. A
 rejected stream's rejection time runs from its call to the status, as the
@@ -64,6 +65,7 @@ from vad_streams import (
 
 RESULTS = REPO_ROOT / "bench-results"
 HEALTH_PROBE_INTERVAL_S = 0.1
+HEALTH_PROBE_SCRIPT = pathlib.Path(__file__).with_name("health_probe.py")
 RSS_SAMPLE_INTERVAL_S = 0.5
 BUSY_SAMPLE_INTERVAL_S = 0.5
 # The speed probe: rounds of a fixed loop, this many additions each, a pause between rounds.
@@ -171,47 +173,43 @@ async def offered_load(
         )
         all_latencies.extend(latencies)
 
-    health_latencies: list[float] = []
-    health_failures = 0
-    done = asyncio.Event()
-
-    async def probe_health() -> None:
-        """Call the health check every HEALTH_PROBE_INTERVAL_S on a connection of its own, as a load balancer would."""
-        nonlocal health_failures
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        async with grpc.aio.insecure_channel(target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while not done.is_set():
-                started = loop.time()
-                try:
-                    response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
-                    if response.status != health_pb2.HealthCheckResponse.SERVING:
-                        health_failures += 1
-                except grpc.aio.AioRpcError:
-                    health_failures += 1
-                health_latencies.append(loop.time() - started)
-                await asyncio.sleep(HEALTH_PROBE_INTERVAL_S)
-
     options = [("grpc.max_receive_message_length", 16 << 20)]
     # Streams open in order, STREAMS_PER_CONNECTION to a connection, so the
     # streams admitted share connections alike at every offered load.
     connections = -(-streams // STREAMS_PER_CONNECTION)
     channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(connections)]
     stubs = [pb_grpc.InferenceServiceStub(channel) for channel in channels]
+    # The health probe is a process of its own, as a load balancer's would
+    # be, so this process's busy event loop does not add to its times. Its
+    # first check, on an idle server, opens its connection and is not counted.
+    prober = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(HEALTH_PROBE_SCRIPT),
+        target,
+        "--interval-s",
+        str(HEALTH_PROBE_INTERVAL_S),
+        "--max-s",
+        str(ramp_s + duration_s + 60.0),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    if not await prober.stdout.readline():
+        code = await prober.wait()
+        raise RuntimeError(f"the health probe {HEALTH_PROBE_SCRIPT.name} exited with code {code} before its first check")
     begin = loop.time() + 0.5
-    prober = asyncio.create_task(probe_health())
     await asyncio.gather(
         *(
             one_stream(i, stubs[i // STREAMS_PER_CONNECTION], begin + ramp_s * i / streams)
             for i in range(streams)
         )
     )
-    done.set()
-    await prober
+    prober.terminate()
+    probe_output, _ = await prober.communicate()
     for channel in channels:
         await channel.close()
-    health = np.array(health_latencies) * 1000.0
+    # A line cut short by the probe's SIGTERM has no status and is left out.
+    checks = [line.split(" ", 1) for line in probe_output.decode().splitlines() if " " in line]
+    health = np.array([float(milliseconds) for milliseconds, _ in checks])
+    health_failures = sum(1 for _, status in checks if status != "SERVING")
     values = np.array(all_latencies) * 1000.0
     rejection_ms = np.array([outcome["rejected_after_s"] for outcome in outcomes if "rejected_after_s" in outcome]) * 1000.0
     admitted = sum(1 for outcome in outcomes if outcome["admitted"])
@@ -459,7 +457,8 @@ def markdown(report: dict) -> str:
         "Admission off: none of them. A rejected stream is not retried. "
         f"{pinned}"
         "The load generator runs on the same 2 cores as the server, so past capacity it competes for CPU too. "
-        f"A health check goes to the server every {HEALTH_PROBE_INTERVAL_S * 1000:.0f} ms on its own connection; "
+        f"A health check goes to the server every {HEALTH_PROBE_INTERVAL_S * 1000:.0f} ms on its own connection "
+        "from a process of its own (`benchmarks/health_probe.py`), timed there; "
         "server RSS is the largest resident size sampled during the run. The busy fraction is the median of "
         f"`streaminfer_busy_fraction` read every {BUSY_SAMPLE_INTERVAL_S:g} s while every admitted stream was open "
         "(a server with the check off does not measure it). A rejection's time runs from the call to its status. "

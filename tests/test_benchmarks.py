@@ -369,3 +369,7 @@ def test_goodput_level_times_real_rejections():
     assert row["rejection_p50_ms"] > 0.0
     assert row["rejection_max_ms"] >= row["rejection_p50_ms"]
     assert row["speed_probe_ms"] > 0.0
+    # The health probe process checked the server all through the level, and it answered SERVING.
+    assert row["health_checks"] >= 10
+    assert row["health_failures"] == 0
+    assert 0.0 < row["health_p99_ms"] <= row["health_max_ms"]
