@@ -53,6 +53,22 @@ def secured_vad_server(certificates: pathlib.Path) -> Iterator[ServerThread]:
     thread.stop()
 
 
+@pytest.fixture(scope="module")
+def client_certificate_server(certificates: pathlib.Path) -> Iterator[ServerThread]:
+    """A VAD server that speaks TLS only and requires client certificates signed by the test CA."""
+    config = loopback_config()
+    config = dataclasses.replace(
+        config,
+        models=tuple(m for m in config.models if m.name == "silero_vad"),
+        tls_cert_file=str(certificates / "server.pem"),
+        tls_key_file=str(certificates / "server.key"),
+        tls_client_ca_file=str(certificates / "ca.pem"),
+    )
+    thread = ServerThread(config).start()
+    yield thread
+    thread.stop()
+
+
 # Schedules
 
 
@@ -264,6 +280,12 @@ def test_tls_options_build_credentials(certificates: pathlib.Path) -> None:
     assert all(client._credentials is not None for client in create_clients(with_ca) + create_clients(default_roots))
 
 
+def test_client_certificate_needs_key_file(certificates: pathlib.Path) -> None:
+    arguments = ["--cert-file", str(certificates / "client.pem")]
+    with pytest.raises(ValueError, match=r"--cert-file and --key-file go together"):
+        cli.config_from_args(cli.build_parser().parse_args(arguments))
+
+
 def test_unreadable_ca_file_refused(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "absent.pem"
     with pytest.raises(ValueError, match=r"--ca-file '.*absent.pem' could not be read"):
@@ -438,6 +460,21 @@ def test_run_with_tls_and_api_key(
     assert report["settings"]["tls"] is True
     assert report["settings"]["api_key_sent"] is True
     assert API_KEY not in (tmp_path / "report.json").read_text()
+
+
+def test_run_with_client_certificate(
+    client_certificate_server: ServerThread, certificates: pathlib.Path, tmp_path, capsys
+) -> None:
+    status, report, out = _run(
+        tmp_path, capsys, client_certificate_server.target, "--ca-file", str(certificates / "ca.pem"),
+        "--cert-file", str(certificates / "client.pem"), "--key-file", str(certificates / "client.key"),
+        "--concurrency", "1", "--duration", "1",
+    )
+
+    assert status == 0
+    assert report["status_codes"] == {"OK": 1}
+    _check_counts(report)
+    assert report["settings"]["tls"] is True
 
 
 def test_run_with_wrong_api_key_hints(

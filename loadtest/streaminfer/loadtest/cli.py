@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: plaintext)")
     connect.add_argument("--ca-file", default=None, metavar="PEM",
                          help="PEM file of the CA certificates that signed the server's certificate; implies --tls")
+    connect.add_argument("--cert-file", default=None, metavar="PEM",
+                         help="PEM file of the client certificate chain, for a server that requires client "
+                         "certificates; needs --key-file, implies --tls")
+    connect.add_argument("--key-file", default=None, metavar="PEM",
+                         help="PEM file of the private key of --cert-file; needs --cert-file, implies --tls")
 
     out = parser.add_argument_group("output")
     out.add_argument("--json", default=None, metavar="FILE", help="write the full report, histograms included, as JSON (default: none)")
@@ -151,19 +156,25 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
             f"--api-key (or {API_KEY_ENVIRONMENT_VARIABLE}) is invalid: expected a key without leading or "
             "trailing whitespace"
         )
-    if args.ca_file is not None:
+    if (args.cert_file is None) != (args.key_file is None):
+        raise ValueError("--cert-file and --key-file go together: give both for a client certificate, or neither")
+    if args.ca_file is not None or args.cert_file is not None:
         try:
-            # Read once here, so that a bad file stops the run before any stream. Each process reads it again.
-            tls_credentials(args.ca_file)
+            # Read once here, so that a bad file stops the run before any stream. Each process reads them again.
+            tls_credentials(args.ca_file, args.cert_file, args.key_file)
         except ValueError as error:
-            raise ValueError(str(error).replace("ca_file", "--ca-file", 1)) from error
+            message = str(error)
+            for name in ("ca_file", "cert_file", "key_file"):
+                message = message.replace(name, "--" + name.replace("_", "-"), 1)
+            raise ValueError(message) from error
     return LoadConfig(
         target=args.target, scenario=args.scenario, mix=mix, duration_s=args.duration, stream_s=args.stream_seconds,
         concurrency=concurrency, arrival_rate=args.arrival_rate, ramp=ramp, seed=args.seed, max_streams=args.max_streams,
         budget_ms=args.budget_ms, warmup_s=args.warmup, drain_s=args.drain, chunk_ms=args.chunk_ms, sample_rate=args.sample_rate,
         signal=args.signal, media_dir=args.media_dir, fps=args.fps, wpm=args.wpm, audio_model=args.audio_model,
         video_model=args.video_model, text_model=args.text_model, connections=args.connections, retries=args.retries,
-        progress=not args.quiet, api_key=api_key, tls=args.tls or args.ca_file is not None, ca_file=args.ca_file,
+        progress=not args.quiet, api_key=api_key, tls=args.tls or args.ca_file is not None or args.cert_file is not None, ca_file=args.ca_file,
+        cert_file=args.cert_file, key_file=args.key_file,
     )
 
 

@@ -77,6 +77,9 @@ class LoadConfig:
     # TLS, trusting ca_file's certificates, or gRPC's default roots without one.
     tls: bool = False
     ca_file: str | None = None
+    # The client certificate chain and its key, for a server that requires client certificates.
+    cert_file: str | None = None
+    key_file: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -488,7 +491,11 @@ class LoadRun:
 def create_clients(config: LoadConfig) -> list[AsyncClient]:
     """Create one client per connection, each with the run's retries, TLS credentials and API key."""
     policy = RetryPolicy(max_attempts=1 + config.retries)
-    credentials = tls_credentials(config.ca_file) if config.tls or config.ca_file else None
+    credentials = (
+        tls_credentials(config.ca_file, config.cert_file, config.key_file)
+        if config.tls or config.ca_file or config.cert_file
+        else None
+    )
     return [
         AsyncClient(config.target, credentials=credentials, api_key=config.api_key, retry_policy=policy)
         for _ in range(max(1, config.connections))
