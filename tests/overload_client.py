@@ -120,6 +120,8 @@ def burst(target: str, count: int) -> dict[str, int]:
         yield pb.StreamRequest(config=vad_config(16_000))
         release.wait(timeout=CHURN_STEP_TIMEOUT_S * 4)
 
+    checked = threading.Event()
+
     def check_health(channel: grpc.Channel) -> None:
         checker = health_pb2_grpc.HealthStub(channel)
         while not everyone_answered.is_set():
@@ -130,13 +132,14 @@ def burst(target: str, count: int) -> dict[str, int]:
             else:
                 outcomes[f"health_{health_pb2.HealthCheckResponse.ServingStatus.Name(response.status).lower()}"] += 1
                 outcomes["health_during_burst"] += not everyone_answered.is_set()
+            checked.set()
             time.sleep(0.02)
 
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.InferenceServiceStub(channel)
-        calls = [stub.Stream(requests(), timeout=CHURN_STEP_TIMEOUT_S * 4) for _ in range(count)]
         checker = threading.Thread(target=check_health, args=(channel,))
         checker.start()
+        calls = [stub.Stream(requests(), timeout=CHURN_STEP_TIMEOUT_S * 4) for _ in range(count)]
         admitted = []
         for call in calls:
             try:
@@ -146,9 +149,16 @@ def burst(target: str, count: int) -> dict[str, int]:
                 outcomes[code] += 1
                 if "grpc-retry-pushback-ms" in dict(error.trailing_metadata() or ()):
                     outcomes[f"{code}_with_pushback"] += 1
+                elif code != "unavailable":
+                    # Named in full, so that a failed test shows what the call ended with.
+                    outcomes[f"{code}: {error.details()}"] += 1
             else:
                 outcomes["accepted" if first.HasField("session_accepted") else "no_session_accepted"] += 1
                 admitted.append(call)
+        # The admitted streams stay open until release. On a machine busy
+        # enough that every stream was answered before the first check came
+        # back, that check still runs while they are open.
+        checked.wait(timeout=CHURN_STEP_TIMEOUT_S)
         everyone_answered.set()
         checker.join()
         release.set()

@@ -24,7 +24,9 @@ def limited() -> Iterator[ServerThread]:
         admission=AdmissionConfig(max_streams=100, max_queue_wait_ms=250, retry_pushback_ms=700),
         rate_limits=RateLimitConfig(streams_per_second=0.5, stream_burst=2, chunks_per_second=20, chunk_burst=10),
         # Rate limits key on accepted API keys; each test uses its own.
-        auth=AuthConfig(api_keys=("stream-rate-test", "another-client", "chunk-rate-test", "overload-test")),
+        auth=AuthConfig(
+            api_keys=("stream-rate-test", "another-client", "chunk-rate-test", "overload-test", "infer-rate-test")
+        ),
     )
     thread = ServerThread(config).start()
     yield thread
@@ -59,7 +61,9 @@ def test_stream_rate_limit_per_key(limited: ServerThread) -> None:
         error = rejection(channel, key)
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "rate_limits.streams_per_second" in error.details()
-        assert error.details().startswith("this client's API key is over its limit of 0.5 new streams per second")
+        assert error.details().startswith(
+            "this client's API key is over its rate of new streams (rate_limits.streams_per_second = 0.5)"
+        )
         # One token per 2 s at 0.5 streams/s: the pushback is up to 2000 ms.
         assert 0 < pushback_ms(error) <= 2000
         assert error.details().endswith(f"retry in {pushback_ms(error)} ms")
@@ -80,7 +84,30 @@ def test_chunks_over_rate_are_reported(limited: ServerThread) -> None:
     assert 0 not in limited_chunks
     assert outcome.answered(pb.MODALITY_AUDIO) == list(range(60))
     for error in outcome.errors:
-        assert "chunks-per-second limit of this client's API key" in error.message
+        assert "chunk rate of this client's API key (rate_limits.chunks_per_second = 20)" in error.message
+
+
+def test_infer_counts_against_chunk_rate(limited: ServerThread) -> None:
+    key = (("x-api-key", "infer-rate-test"),)
+    request = pb.InferRequest(model="silero_vad", text="not audio")
+    outcomes = []
+    with grpc.insecure_channel(limited.target) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        # A burst of 10 chunk tokens, refilled at 20 a second: back-to-back requests run out within 60.
+        for _ in range(60):
+            try:
+                stub.Infer(request, metadata=key, timeout=10)
+            except grpc.RpcError as error:
+                outcomes.append(error)
+                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    break
+    # Those within the rate reach the input check (text for an audio model); the last one is over the rate.
+    *within, over = outcomes
+    assert len(within) >= 10
+    assert {error.code() for error in within} == {grpc.StatusCode.INVALID_ARGUMENT}
+    assert over.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "rate_limits.chunks_per_second = 20" in over.details()
+    assert over.details().endswith(f"retry in {pushback_ms(over)} ms")
 
 
 def test_projected_wait_rejects_new_stream(limited: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,6 +195,6 @@ def test_start_up_line_names_rate_limits() -> None:
 
     assert describe_rate_limits(RateLimitConfig(), by_api_key=False) == "off"
     both = RateLimitConfig(streams_per_second=0.5, chunks_per_second=20)
-    assert describe_rate_limits(both, by_api_key=True) == "0.5 streams per second and 20 chunks per second per API key"
-    chunks = RateLimitConfig(chunks_per_second=40)
-    assert describe_rate_limits(chunks, by_api_key=False) == "40 chunks per second per client address"
+    assert describe_rate_limits(both, by_api_key=True) == "new streams 0.5/s (burst 1) and chunks 20/s (burst 20) per API key"
+    chunks = RateLimitConfig(chunks_per_second=40, chunk_burst=5)
+    assert describe_rate_limits(chunks, by_api_key=False) == "chunks 40/s (burst 5) per client address"

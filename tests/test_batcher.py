@@ -253,7 +253,8 @@ def test_deadline_drop_names_time_left() -> None:
 
     assert harness.outcome("late") == "CHUNK_ERROR_REASON_DEADLINE"
     message = str(harness.delivered[-1].error)
-    assert "ms of the stream's chunk latency budget were left, and a batch takes about" in message
+    assert message.startswith("dropped before inference: its batch would take about ")
+    assert "ms of the stream's chunk latency budget were left" in message
     assert model.batches == [["first"]]
 
 

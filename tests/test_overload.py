@@ -495,7 +495,7 @@ def test_burst_of_streams_admitted_or_rejected() -> None:
         assert wait_until(lambda: active_count(thread) == 0)
         rejected = dict(thread.server.service.rejected)
 
-    assert outcomes["accepted"] + outcomes["unavailable"] == count
+    assert outcomes["accepted"] + outcomes["unavailable"] == count, json.dumps(outcomes)
     assert rejected == {"UNAVAILABLE": outcomes["unavailable"]}
     assert outcomes["unavailable_with_pushback"] == outcomes["unavailable"]
     assert 1 <= outcomes["accepted"] <= limit

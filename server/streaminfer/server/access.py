@@ -268,7 +268,8 @@ class _ClientBuckets:
     chunks: TokenBucket | None
 
 
-def _capacity(rate: float, burst: int) -> float:
+def bucket_capacity(rate: float, burst: int) -> float:
+    """Return the tokens a bucket holds: the burst, or the rate (at least 1) when the burst is 0."""
     return float(burst) if burst > 0 else max(1.0, rate)
 
 
@@ -335,10 +336,14 @@ class RateLimiter:
 
     def admit_chunk(self, key: str) -> bool:
         """Take a chunk token for ``key``: whether the chunk may be processed."""
+        return self.chunk_wait_s(key) is None
+
+    def chunk_wait_s(self, key: str) -> float | None:
+        """Take a chunk token for ``key``: None when the chunk may be processed, else the seconds to wait."""
         buckets = self._buckets(key)
         if buckets is None or buckets.chunks is None:
-            return True
-        return buckets.chunks.take(self._clock()) is None
+            return None
+        return buckets.chunks.take(self._clock())
 
     def tokens(self, key: str) -> tuple[float | None, float | None]:
         """Return the stream and chunk tokens of ``key`` now, with None for a limit that is off or a client not tracked."""
@@ -373,7 +378,7 @@ class RateLimiter:
     def _new_bucket(rate: float, burst: int, now: float) -> TokenBucket | None:
         if rate <= 0:
             return None
-        capacity = _capacity(rate, burst)
+        capacity = bucket_capacity(rate, burst)
         return TokenBucket(rate=rate, capacity=capacity, tokens=capacity, updated=now)
 
 

@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from streaminfer.server import metrics, priority, tracing
-from streaminfer.server.access import ApiKeyInterceptor, RateLimiter, load_api_keys, server_credentials
+from streaminfer.server.access import ApiKeyInterceptor, RateLimiter, bucket_capacity, load_api_keys, server_credentials
 from streaminfer.server.config import RateLimitConfig, ServerConfig
 from streaminfer.server.executor import Executor
 from streaminfer.server.load import LoadMonitor
@@ -44,8 +44,11 @@ _MESSAGE_OVERHEAD_BYTES = 64 * 1024
 def describe_rate_limits(rates: RateLimitConfig, by_api_key: bool) -> str:
     """Return the rate limits as the start-up line names them, or "off"."""
     parts = [
-        f"{rate:g} {unit} per second"
-        for rate, unit in ((rates.streams_per_second, "streams"), (rates.chunks_per_second, "chunks"))
+        f"{unit} {rate:g}/s (burst {bucket_capacity(rate, burst):g})"
+        for rate, burst, unit in (
+            (rates.streams_per_second, rates.stream_burst, "new streams"),
+            (rates.chunks_per_second, rates.chunk_burst, "chunks"),
+        )
         if rate > 0
     ]
     if not parts:
@@ -154,13 +157,13 @@ class StreaminferServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         admission = self.config.admission
-        wait_check = f"above {admission.max_queue_wait_ms:g} ms projected wait" if admission.max_queue_wait_ms > 0 else "off"
+        wait_check = f"{admission.max_queue_wait_ms:g} ms" if admission.max_queue_wait_ms > 0 else "off"
         busy_limit = self.monitor.busy_limit
-        busy_check = f"above {busy_limit:g} projected busy fraction" if busy_limit > 0 else "off"
+        busy_check = f"{busy_limit:g}" if busy_limit > 0 else "off"
         rate_limits = describe_rate_limits(self.config.rate_limits, bool(self.api_keys))
         logger.info(
             "streaminfer listening on %s:%d (%s, API keys %s, rate limits %s, at most %d streams, "
-            "shedding by queue wait %s and by busy fraction %s, metrics %s)",
+            "shedding above a projected queue wait of %s and a projected busy fraction of %s, metrics %s)",
             self.config.host,
             self.port,
             "TLS" if self.config.tls_cert_file else "plaintext",

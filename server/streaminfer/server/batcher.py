@@ -172,9 +172,10 @@ def _deadline_error(item: WorkItem, cutoff: _Cutoff) -> ItemDropped:
     left_ms = max(0.0, item.deadline - (cutoff.at - cutoff.batch_s)) * 1000.0
     return ItemDropped(
         pb.CHUNK_ERROR_REASON_DEADLINE,
-        f"dropped before inference: {left_ms:.0f} ms of the stream's chunk latency budget were left, and a batch "
-        f"takes about {cutoff.batch_s * 1000.0:.0f} ms (the server is behind, or the budget is too short for this "
-        "model: lower the offered load or raise StreamConfig.chunk_latency_budget)",
+        f"dropped before inference: its batch would take about {cutoff.batch_s * 1000.0:.0f} ms, and only "
+        f"{left_ms:.0f} ms of the stream's chunk latency budget were left (more work is queued than the model "
+        "finishes within the budget, or the budget is too short for this model: lower the offered load or raise "
+        "StreamConfig.chunk_latency_budget)",
     )
 
 

@@ -216,8 +216,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             wait_ms = max(1, math.ceil(wait_s * 1000))
             raise Rejection(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{self.rate_limiter.describe_client(key)} is over its limit of {limits.streams_per_second:g} "
-                f"new streams per second (rate_limits.streams_per_second); retry in {wait_ms} ms",
+                f"{self.rate_limiter.describe_client(key)} is over its rate of new streams "
+                f"(rate_limits.streams_per_second = {limits.streams_per_second:g}); retry in {wait_ms} ms",
                 wait_ms,
                 "rate_limit",
             )
@@ -275,7 +275,10 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 session.trace_with(self.tracing, self.tracing.context_of(span))
             if client_key is not None and self._executor.config.rate_limits.chunks_per_second > 0:
                 session.admit_chunk = functools.partial(self.rate_limiter.admit_chunk, client_key)
-                session.rate_limited_client = self.rate_limiter.describe_client(client_key)
+                session.rate_limited_client = (
+                    f"{self.rate_limiter.describe_client(client_key)} "
+                    f"(rate_limits.chunks_per_second = {self._executor.config.rate_limits.chunks_per_second:g})"
+                )
             self.active_sessions[session] = context
             # This task's log lines, and its reader's, carry the stream id.
             logs.STREAM_ID.set(session.stream_id)
@@ -368,6 +371,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, "the server is shutting down; send the request to another replica"
             )
+        await self._limit_infer_rate(context)
         kind = request.WhichOneof("input")
         if kind == "tensor":
             return await self._infer_tensor(runner, request.tensor, context)
@@ -401,6 +405,28 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             return response
         finally:
             session.close()
+
+    async def _limit_infer_rate(self, context: grpc.aio.ServicerContext) -> None:
+        """Take a chunk token for the caller: each Infer request counts as one chunk against its chunk rate.
+
+        Aborts the call with RESOURCE_EXHAUSTED and a pushback when the client is over it.
+        """
+        limits = self._executor.config.rate_limits
+        if self.rate_limiter is None or limits.chunks_per_second <= 0:
+            return
+        key = self.rate_limiter.client_key(context.invocation_metadata() or (), context.peer())
+        wait_s = self.rate_limiter.chunk_wait_s(key)
+        if wait_s is None:
+            return
+        wait_ms = max(1, math.ceil(wait_s * 1000))
+        # Counted by streaminfer_infer_requests_total{code="RESOURCE_EXHAUSTED"}, not as a rejected stream.
+        context.set_trailing_metadata((("grpc-retry-pushback-ms", str(wait_ms)),))
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{self.rate_limiter.describe_client(key)} is over its chunk rate "
+            f"(rate_limits.chunks_per_second = {limits.chunks_per_second:g}), which each Infer request counts "
+            f"against; retry in {wait_ms} ms",
+        )
 
     async def _infer_tensor(
         self, runner: ModelRunner, tensor: pb.Tensor, context: grpc.aio.ServicerContext

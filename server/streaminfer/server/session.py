@@ -504,7 +504,7 @@ class Session:
                 modality,
                 sequence_number,
                 pb.CHUNK_ERROR_REASON_RATE_LIMITED,
-                f"{field} chunk {sequence_number} is over the chunks-per-second limit of {self.rate_limited_client}; "
+                f"{field} chunk {sequence_number} is over the chunk rate of {self.rate_limited_client}; "
                 "send fewer chunks per second (larger chunks) or ask for a higher limit",
             )
             ledger.last_sequence_number = sequence_number
