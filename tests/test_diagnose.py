@@ -15,6 +15,7 @@ import http.server
 import io
 import json
 import pathlib
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -218,7 +219,7 @@ def test_synthetic_busy_loop_verdict() -> None:
     # Chunks wait between stages while the loop's busy fraction is at its admission limit.
     report = report_on(Scenario(between=0.08, busy_fraction=0.9, max_busy_fraction=0.85))
     assert report["verdict"]["kind"] == "event_loop"
-    assert "the event loop is near its limit: busy 90% of the last second" in report["verdict"]["line"]
+    assert "the event loop is near its limit: busy 90% of the second before the second scrape" in report["verdict"]["line"]
     assert "rejected" not in report["verdict"]["line"]
     # Streams rejected for load in the interval are counted in the verdict.
     report = report_on(Scenario(between=0.08, busy_fraction=0.9, max_busy_fraction=0.85, rejections={"busy": 40}))
@@ -234,6 +235,10 @@ def test_busy_stage_shows_capacity() -> None:
     assert report["saturation"]["busy_capacity_streams"] == 186
     (stage,) = [entry for entry in report["saturation"]["stages"] if entry["stage"] == "event loop busy fraction"]
     assert stage["detail"].endswith("at the cost per stream learned so far it allows 186 open streams")
+    assert stage["detail"].startswith(
+        "the loop busy instead of waiting for the network, the larger of its readings at the first and second "
+        "scrape, 0% and 80%; "
+    )
     # Before the cost is learned the gauge reads 0, and the detail leaves the count out.
     report = report_on(Scenario(busy_fraction=0.3, max_busy_fraction=0.8))
     (stage,) = [entry for entry in report["saturation"]["stages"] if entry["stage"] == "event loop busy fraction"]
@@ -332,8 +337,8 @@ def test_synthetic_busy_fraction_is_a_finding() -> None:
     assert report["saturation"]["busy_fraction"] == pytest.approx(0.81)
     texts = [finding["text"] for finding in report["findings"]]
     assert any(
-        "event loop busy fraction 81% busy (the loop busy instead of waiting for the network; "
-        "admission.max_busy_fraction 0.75)" in text
+        "event loop busy fraction 81% busy (the loop busy instead of waiting for the network, the larger of its "
+        "readings at the first and second scrape, 0% and 81%; admission.max_busy_fraction 0.75)" in text
         for text in texts
     )
     assert any("40 streams rejected (busy)" in text for text in texts)
@@ -355,6 +360,97 @@ def test_rejecting_for_load_is_capacity() -> None:
     assert report_on(Scenario(busy_fraction=0.3, max_busy_fraction=0.8))["verdict"]["kind"] == "none"
     # A rate limit is the client's quota, not load.
     assert report_on(Scenario(busy_fraction=0.3, rejections={"rate_limit": 40}))["verdict"]["kind"] != "capacity"
+
+
+# One scenario per verdict, each with 280 streams rejected for load (busy) besides the 10 started.
+VERDICTS_WITH_REJECTIONS = {
+    "model_speed": Scenario(queue_wait=0.005, inference=0.02),
+    "model_instances": Scenario(queue_wait=0.04, inference=0.045),
+    "batch_size": Scenario(queue_wait=0.08, batch_size=1, max_batch_size=1, batches_full=1000, batches_delay=0),
+    "decode_threads": Scenario(modality="video", decode_wait=0.12, decode=0.02, decode_threads=1, decode_busy_s=9.8),
+    "frame_rate": Scenario(modality="video", drops={("video", "overflow"): 300}),
+    "event_loop": Scenario(between=0.06, write=0.01, loop_lag=0.04),
+    "slow_clients": Scenario(write=0.4, between=0.2, paused=3),
+    "input_wait": Scenario(input_wait=0.032),
+    "capacity": Scenario(),
+    "workers": Scenario(chunks=0, batches_delay=0),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(VERDICTS_WITH_REJECTIONS))
+def test_every_verdict_names_load_rejections_once(kind: str) -> None:
+    scenario = dataclasses.replace(VERDICTS_WITH_REJECTIONS[kind], rejections={"busy": 280})
+    verdict = report_on(scenario)["verdict"]
+    assert verdict["kind"] == kind
+    assert verdict["line"].count("streams rejected for load") == 1
+    assert "280 streams rejected for load (busy 280), 97% of new streams" in verdict["line"]
+    # Without rejections the same verdict does not mention them.
+    if kind not in ("capacity", "workers"):
+        quiet = report_on(VERDICTS_WITH_REJECTIONS[kind])["verdict"]
+        assert quiet["kind"] == kind
+        assert "rejected" not in quiet["line"]
+
+
+def test_slow_model_verdict_names_rejections() -> None:
+    verdict = report_on(dataclasses.replace(VERDICTS_WITH_REJECTIONS["model_speed"], rejections={"busy": 280}))["verdict"]
+    assert verdict["line"].startswith("the model itself is slow: queue wait 5.0 ms + inference 20.0 ms are ")
+    assert verdict["line"].endswith("; 280 streams rejected for load (busy 280), 97% of new streams")
+
+
+def test_rejections_without_chunks_are_not_idle() -> None:
+    report = report_on(Scenario(chunks=0, batches_delay=0, rejections={"max_streams": 30}))
+    assert report["idle"] is False
+    assert report["verdict"]["line"] == "no chunk answered in the interval; 30 streams rejected for load (max_streams 30), 75% of new streams"
+    assert "add workers" in report["verdict"]["change"]
+
+
+def test_draining_is_shutting_down_not_load() -> None:
+    # A healthy server that rejects streams while it shuts down is not at its admission limit.
+    report = report_on(Scenario(rejections={"draining": 40}, ended={"draining": 3}))
+    assert report["verdict"]["kind"] == "none"
+    assert "rejected" not in report["verdict"]["line"]
+    assert any(
+        "40 streams rejected because the server was shutting down (draining), 80% of new streams" in finding["text"]
+        for finding in report["findings"]
+    )
+    text = diagnose.render(report)
+    assert "  draining (the server was shutting down): 40 (80% of new streams, admitted or rejected)" in text
+    assert "  draining (the server was shutting down): 3\n" in text
+    assert "for load" not in text
+    # Next to rejections for load, only those are counted as load.
+    report = report_on(Scenario(between=0.08, busy_fraction=0.3, rejections={"draining": 40, "busy": 8}))
+    assert report["verdict"]["line"].endswith("; 8 streams rejected for load (busy 8), 44% of new streams")
+    # Draining alone with no chunk read: nothing to diagnose, as with no traffic.
+    assert report_on(Scenario(chunks=0, batches_delay=0, rejections={"draining": 40}))["idle"] is True
+
+
+def test_busy_fraction_larger_of_scrapes() -> None:
+    # The load ran at the first scrape and ended before the second: the gauge reads 0 at the second,
+    # while every new stream in the window was rejected (busy).
+    during = page(Scenario(chunks=0, batches_delay=0, decode_busy_s=0.0, cpu_s=0.0, busy_fraction=0.81))
+    after = page(Scenario(queue_wait=0.005, inference=0.02, busy_fraction=0.0, rejections={"busy": 280}))
+    report = diagnose.diagnose(diagnose.Snapshot("u", during, after, INTERVAL_S))
+    saturation = report["saturation"]
+    assert saturation["busy_fraction"] == pytest.approx(0.81)
+    assert saturation["busy_fraction_scrape"] == "first"
+    assert saturation["busy_fraction_by_scrape"] == [pytest.approx(0.81), 0.0]
+    (row,) = [line for line in diagnose.render(report).splitlines() if line.startswith("  event loop busy fraction")]
+    assert " 81%  the loop busy instead of waiting for the network, the larger of its readings at the first and " in row
+    assert "second scrape, 81% and 0%; " in row
+    assert any(finding["text"].startswith("event loop busy fraction 81% busy") for finding in report["findings"])
+    assert report["verdict"]["kind"] == "model_speed"
+    assert report["verdict"]["line"].endswith("; 280 streams rejected for load (busy 280), 100% of new streams")
+    # A verdict on the loop names the scrape its busy fraction comes from.
+    during = page(Scenario(chunks=0, batches_delay=0, decode_busy_s=0.0, cpu_s=0.0, busy_fraction=0.72, max_busy_fraction=0.8))
+    after = page(dataclasses.replace(OVERLOADED, busy_fraction=0.0))
+    report = diagnose.diagnose(diagnose.Snapshot("u", during, after, INTERVAL_S))
+    assert report["verdict"]["line"].startswith(
+        "the event loop is close to its limit: busy 72% of the second before the first scrape against "
+        "admission.max_busy_fraction 0.8; "
+    )
+    # Equal readings are put on the second scrape.
+    report = report_on(Scenario(busy_fraction=0.0))
+    assert report["saturation"]["busy_fraction_scrape"] == "second"
 
 
 # An overloaded audio server: admission rejects 8 of 18 new streams (44 %) for load, the model's one
@@ -394,7 +490,7 @@ def test_loop_near_limit_with_rejections() -> None:
     assert verdict["kind"] == "event_loop"
     line = verdict["line"]
     assert line.startswith(
-        "the event loop is close to its limit: busy 72% of the last second against admission.max_busy_fraction 0.8; "
+        "the event loop is close to its limit: busy 72% of the second before the second scrape against admission.max_busy_fraction 0.8; "
     )
     # Each share named is the one the breakdown shows for that stage, not the sum of the two.
     shares = breakdown_shares(report)
@@ -433,7 +529,7 @@ def test_stage_wait_names_busiest_stages() -> None:
     assert verdict["line"] == (
         "chunks wait between stages: event loop/network 14.9 ms (35%) and write 6.4 ms (15%) of m (audio): mean "
         f"chunk latency 42.6 ms, p99 {diagnose._ms(report['latency'][0]['p99_s'])}; the busiest stages: model m "
-        "instances 78% busy, event loop busy 50% of the last second against admission.max_busy_fraction 0.8, "
+        "instances 78% busy, event loop busy 50% of the second before the second scrape against admission.max_busy_fraction 0.8, "
         "process CPU 50% busy; 8 streams rejected for load (busy 8), 44% of new streams"
     )
     assert verdict["change"] == (
@@ -560,7 +656,8 @@ def test_cli_scrapes_saves_and_reports_from_snapshot(tmp_path: pathlib.Path) -> 
     with page_server(page(None), page(Scenario(queue_wait=0.04, inference=0.045, loop_lag=0.0))) as url:
         status, out, err = run_cli(["--url", url, "--interval", "0.3", "--save", str(saved)])
     assert status == 0, err
-    assert f"read {url}; scraping again in 0.3 s" in err
+    assert f"first scrape of {url} done; waiting 0.3 s for the second" in err
+    assert re.search(r"second scrape done, \d+\.\d s after the first", err)
     assert "BOTTLENECK: the model is saturated" in out
     assert "add model instances" in out
     assert "Where the latency goes" in out
@@ -580,6 +677,18 @@ def test_cli_scrapes_saves_and_reports_from_snapshot(tmp_path: pathlib.Path) -> 
     assert report["traffic"]["chunks_received"] == 1000
 
 
+def test_progress_names_each_scrape(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(diagnose, "PROGRESS_EVERY_S", 0.1)
+    lines: list[str] = []
+    with page_server(page(None), page(Scenario())) as url:
+        diagnose.take_snapshot(url, 0.35, lines.append)
+    assert re.fullmatch(rf"streaminfer diagnose: first scrape of {re.escape(url)} done; waiting 0\.\d s for the second", lines[0])
+    waits = lines[1:-1]
+    assert waits
+    assert all(re.fullmatch(r"streaminfer diagnose: waiting 0\.\d s more for the second scrape", line) for line in waits)
+    assert re.fullmatch(r"streaminfer diagnose: second scrape done, \d+\.\d s after the first", lines[-1])
+
+
 def test_cli_names_the_url_of_a_foreign_page() -> None:
     with page_server("# HELP up Up.\n# TYPE up gauge\nup 1\n") as url:
         status, out, err = run_cli(["--url", url, "--interval", "0.1"])
@@ -587,7 +696,7 @@ def test_cli_names_the_url_of_a_foreign_page() -> None:
     assert out == ""
     assert f"{url} is not a streaminfer metrics page" in err
     # The page is rejected after the first scrape, before the wait.
-    assert "scraping again" not in err
+    assert "waiting" not in err
 
 
 def test_cli_errors_are_clear(tmp_path: pathlib.Path) -> None:

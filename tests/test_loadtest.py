@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import pathlib
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -230,6 +231,8 @@ def test_help_states_each_default_once() -> None:
     help_text = " ".join(parser.format_help().split())
     assert "(default: 0, every chunk)" in help_text
     assert "(default: 0.0)" not in help_text
+    assert help_text.count("default 4") == 1
+    assert "(default 4 when no shape is given)" in help_text
 
 
 # Connection options
@@ -357,6 +360,62 @@ def test_first_message_kept_per_status() -> None:
     assert "  first UNAVAILABLE: the server is near its limit; retry after 1000 ms" in summary
     assert "  first DEADLINE_EXCEEDED: deadline passed" in summary
     assert "met the 100 ms budget on every chunk after the first 1 s" in summary
+
+
+def _lag_summary(means_ms: list[float], budget_ms: float = 100.0) -> tuple[dict, str]:
+    """Return the lag report and summary line of a run with one chunk per second at these latencies."""
+    from streaminfer.loadtest.report import build_report, format_summary
+
+    recorder = Recorder(budget_ms=budget_ms)
+    for second, latency_ms in enumerate(means_ms):
+        recorder.record_latency("audio", latency_ms / 1000, second)
+    report = build_report(recorder, {}, float(len(means_ms)), {"description": "fixed concurrency 1"})
+    (line,) = [line for line in format_summary(report).splitlines() if line.startswith("lag:")]
+    return report["lag"], line
+
+
+# The latencies go through an HDR histogram of 2 significant digits, so the means printed are close, not equal.
+@pytest.mark.parametrize(
+    ("means_ms", "trend", "words"),
+    [
+        # Nearly four times the first third's latency, though under half the budget.
+        ([11.5, 11.5, 11.5, 43.8, 43.8, 43.8], "growing", r"\(growing by 3\d\.\d ms\)"),
+        ([11.5, 11.5, 11.5, 12.5, 12.5, 12.5], "steady", r"\(steady\)"),
+        # Twice the latency but only 3 ms more: jitter of a fast server.
+        ([3.0, 3.0, 3.0, 6.0, 6.0, 6.0], "steady", r"\(steady\)"),
+        ([40.0, 40.0, 40.0, 10.0, 10.0, 10.0], "falling", r"\(falling by \d\d\.\d ms\)"),
+        (
+            [10.0, 10.0, 10.0, 70.0, 70.0, 70.0],
+            "growing",
+            r"\(growing by \d\d\.\d ms, over half the 100 ms budget: the server falls behind real time\)",
+        ),
+    ],
+)
+def test_lag_trend_labels(means_ms: list[float], trend: str, words: str) -> None:
+    lag, line = _lag_summary(means_ms)
+    assert lag["trend"] == trend
+    assert lag["growing"] is (trend == "growing")
+    assert re.fullmatch(r"lag: mean latency \d+\.\d ms in the first third, \d+\.\d ms in the last third " + words, line)
+
+
+def test_lag_without_data_says_so() -> None:
+    lag, line = _lag_summary([12.0, 12.0])
+    assert lag["trend"] == "no data"
+    assert lag["growing"] is False
+    assert lag["growth_over_half_budget"] is False
+    assert line == "lag: no data, because fewer than 3 seconds of the run have answered chunks"
+    assert "steady" not in line
+
+
+def test_lag_trend_thresholds() -> None:
+    from streaminfer.loadtest.report import LAG_CHANGE_MIN_MS, LAG_CHANGE_RATIO, lag_trend
+
+    assert lag_trend(10.0, 10.0 * LAG_CHANGE_RATIO) == "growing"
+    assert lag_trend(10.0, 10.0 * LAG_CHANGE_RATIO - 0.1) == "steady"
+    assert lag_trend(2.0, 2.0 + LAG_CHANGE_MIN_MS) == "growing"
+    assert lag_trend(2.0, 2.0 + LAG_CHANGE_MIN_MS - 0.1) == "steady"
+    assert lag_trend(None, 10.0) == "no data"
+    assert lag_trend(10.0, None) == "no data"
 
 
 # Runs against a real server

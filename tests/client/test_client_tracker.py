@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -67,6 +68,30 @@ def test_ack_range_latencies() -> None:
     stats = tracker.stats.modality(Modality.AUDIO)
     assert (stats.sent, stats.acked, stats.failed, stats.unanswered) == (3, 2, 0, 1)
     assert stats.latencies_s == [2.0, 1.5]
+
+
+def test_stats_modality_by_name_or_number() -> None:
+    tracker = ChunkTracker(max_in_flight=10)
+    _send(tracker, Modality.AUDIO, 1.0)
+    tracker.ack(Modality.AUDIO, 1, 1, 1.5)
+
+    stats = tracker.stats
+    assert stats.modality("audio") is stats.modality(Modality.AUDIO)
+    assert stats.modality("AUDIO") is stats.modality(Modality.AUDIO)
+    assert stats.modality(int(Modality.AUDIO)) is stats.modality(Modality.AUDIO)
+    assert stats.modality("audio").sent == 1
+    assert stats.latencies_s("audio") == [0.5]
+    assert list(stats.modalities) == [Modality.AUDIO]
+
+
+@pytest.mark.parametrize("value", ["sound", "", 9, None])
+def test_stats_modality_rejects_unknown(value: object) -> None:
+    stats = ChunkTracker(max_in_flight=10).stats
+
+    with pytest.raises(ValueError, match=f"^modality {re.escape(repr(value))} is invalid: expected audio, video or text"):
+        stats.modality(value)  # type: ignore[arg-type]
+
+    assert stats.modalities == {}
 
 
 def test_fail_settles_chunk() -> None:

@@ -28,7 +28,13 @@ class Modality(enum.IntEnum):
                 return cls[value.upper()]
             except KeyError:
                 raise ValueError(f"modality {value!r} is invalid: expected audio, video or text") from None
-        return cls(value)
+        try:
+            return cls(value)
+        except ValueError:
+            numbers = ", ".join(f"{int(member)} ({member.label})" for member in (cls.AUDIO, cls.VIDEO, cls.TEXT))
+            raise ValueError(
+                f"modality {value!r} is invalid: expected audio, video or text, as a name, a Modality or a number: {numbers}"
+            ) from None
 
     @property
     def label(self) -> str:

@@ -62,12 +62,18 @@ class StreamStats:
     # Times a session in roll-over mode went on in a new stream.
     rollovers: int = 0
 
-    def modality(self, modality: Modality) -> ModalityStats:
-        if modality not in self.modalities:
-            self.modalities[modality] = ModalityStats()
-        return self.modalities[modality]
+    def modality(self, modality: Modality | str | int) -> ModalityStats:
+        """Return the stats of ``modality``, added with zero counts when it has none yet.
 
-    def latencies_s(self, modality: Modality | None = None) -> list[float]:
+        ``modality`` takes the forms ``Modality.parse`` accepts, for example
+        ``"audio"``. Any other value raises ValueError.
+        """
+        selected = Modality.parse(modality)
+        if selected not in self.modalities:
+            self.modalities[selected] = ModalityStats()
+        return self.modalities[selected]
+
+    def latencies_s(self, modality: Modality | str | int | None = None) -> list[float]:
         """Return the per-chunk latencies of one modality, or of all when ``modality`` is None."""
         if modality is not None:
             return list(self.modality(modality).latencies_s)

@@ -22,8 +22,8 @@ from streaminfer.loadtest.stats import Recorder
 DESCRIPTION = """\
 Open real-time streams against a streaminfer server and measure per-chunk latency from each
 chunk's scheduled send time to the ack that covers it, so a slow server cannot hide its tail
-behind a slower client. Pick one load shape: --concurrency (default 4 streams), --arrival-rate
-or --ramp. Every run ends after --duration seconds plus at most --drain seconds."""
+behind a slower client. Pick one load shape: --concurrency, --arrival-rate or --ramp. Every
+run ends after --duration seconds plus at most --drain seconds."""
 
 
 # The variable the API key is read from when --api-key is not given, as for streaminfer-client.

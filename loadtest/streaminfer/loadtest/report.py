@@ -10,6 +10,23 @@ from streaminfer.loadtest.stats import Recorder, percentiles_ms
 
 __all__ = ["build_report", "format_summary", "write_plot"]
 
+# The last third's mean latency counts as growing when it is at least LAG_CHANGE_RATIO times the first
+# third's and LAG_CHANGE_MIN_MS higher, and as falling when the first third's is. The minimum keeps small
+# changes, such as 2 ms to 4 ms, steady. NOTE: both are chosen margins, not measured ones.
+LAG_CHANGE_RATIO = 1.5
+LAG_CHANGE_MIN_MS = 5.0
+
+
+def lag_trend(first_ms: float | None, last_ms: float | None) -> str:
+    """Return "growing", "falling" or "steady" for the mean latency of the first and last third, or "no data"."""
+    if first_ms is None or last_ms is None:
+        return "no data"
+    if last_ms >= LAG_CHANGE_RATIO * first_ms and last_ms - first_ms >= LAG_CHANGE_MIN_MS:
+        return "growing"
+    if first_ms >= LAG_CHANGE_RATIO * last_ms and first_ms - last_ms >= LAG_CHANGE_MIN_MS:
+        return "falling"
+    return "steady"
+
 
 def build_report(
     recorder: Recorder,
@@ -22,6 +39,7 @@ def build_report(
     c = recorder.counters
     first_third, last_third = recorder.lag_thirds_ms()
     growth = None if first_third is None or last_third is None else last_third - first_third
+    trend = lag_trend(first_third, last_third)
     per_second = {
         str(second): percentiles_ms(histogram) | {"chunks": histogram.get_total_count()}
         for second, histogram in sorted(recorder.latency_by_second.items())
@@ -41,8 +59,10 @@ def build_report(
             "mean_latency_first_third_ms": first_third,
             "mean_latency_last_third_ms": last_third,
             "growth_ms": growth,
+            "trend": trend,
+            "growing": trend == "growing",
             # Growing by more than half the budget over the run means the server falls behind real time.
-            "growing": growth is not None and growth > recorder.budget_ms / 2,
+            "growth_over_half_budget": trend == "growing" and growth is not None and growth > recorder.budget_ms / 2,
         },
         "messages_per_second": {
             "sent": c["requests_sent"] / wall_s if wall_s > 0 else None,
@@ -68,6 +88,19 @@ def build_report(
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
+
+
+def _lag_line(lag: dict[str, Any], budget_ms: float) -> str:
+    """Return the summary line on the mean latency of the first and last third of the run, with its trend."""
+    first, last = lag["mean_latency_first_third_ms"], lag["mean_latency_last_third_ms"]
+    trend = lag["trend"]
+    if trend == "no data":
+        return "lag: no data, because fewer than 3 seconds of the run have answered chunks"
+    if trend in ("growing", "falling"):
+        trend += f" by {abs(last - first):.1f} ms"
+    if lag["growth_over_half_budget"]:
+        trend += f", over half the {budget_ms:g} ms budget: the server falls behind real time"
+    return f"lag: mean latency {_ms(first)} ms in the first third, {_ms(last)} ms in the last third ({trend})"
 
 
 def format_summary(report: dict[str, Any]) -> str:
@@ -100,12 +133,7 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(f"{name:<34}{cells}")
 
     lines.append("")
-    lag = report["lag"]
-    lines.append(
-        f"lag: mean latency {_ms(lag['mean_latency_first_third_ms'])} ms in the first third, "
-        f"{_ms(lag['mean_latency_last_third_ms'])} ms in the last third "
-        f"({'GROWING' if lag['growing'] else 'steady'})"
-    )
+    lines.append(_lag_line(report["lag"], report["goodput"]["budget_ms"]))
     rates = report["messages_per_second"]
     lines.append(f"messages/s: {_ms(rates['sent'])} sent (config + chunks), {_ms(rates['received'])} events received (results, acks, errors, stream ends)")
     lines.append("status codes: " + (", ".join(f"{k} {v}" for k, v in sorted(report["status_codes"].items())) or "-"))

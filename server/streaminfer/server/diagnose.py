@@ -13,10 +13,11 @@ reports on what happened between the two reads:
 - saturation: model instances (inference and postprocess seconds per second
   over instances), decode threads (busy seconds per second over threads),
   the event loop (how late its 20 ms timer ran, and its busy fraction
-  against admission.max_busy_fraction while that check is on) and process
-  CPU over cores;
+  against admission.max_busy_fraction while that check is on, the larger of
+  its readings at the two scrapes) and process CPU over cores;
 - drops and rejections by reason;
-- one verdict naming the bottleneck and the change that would help.
+- one verdict naming the bottleneck and the change that would help, ending
+  with the streams rejected for load when there were any.
 
 How the stages add up: decode wait, decode and the wait for more input are
 per chunk, queue wait per work item, inference and postprocess per batch
@@ -81,8 +82,11 @@ FRAME_DROP_SHARE = 0.1
 HEALTHY_BUSY = 0.5
 HEALTHY_LATENCY_S = 0.02
 HEALTHY_DROP_SHARE = 0.01
-# Rejections that mean the server is at capacity (admission), not a client problem.
-LOAD_REJECTIONS = ("max_streams", "learned_max_streams", "busy", "queue_wait", "draining")
+# Rejections that mean the server is at capacity (admission), not a client problem. Streams rejected
+# while the server shuts down (draining) are not load, and are named as a shutdown.
+LOAD_REJECTIONS = ("max_streams", "learned_max_streams", "busy", "queue_wait")
+# Meanings of the reasons whose label alone could be read as load.
+REASON_MEANINGS = {"draining": "the server was shutting down"}
 
 # The metrics read, as exported by streaminfer.server.metrics.
 M_CHUNKS_RECEIVED = "streaminfer_chunks_received_total"
@@ -348,16 +352,24 @@ def take_snapshot(
     Page(before, url)  # fail now, not after the wait, on a page that is not streaminfer's
     started = time.monotonic()
     end = started + interval_s
+    first = True
     while True:
         remaining = end - time.monotonic()
         if remaining <= 0:
             break
         if progress is not None:
             remaining_text = f"{remaining:.1f}" if remaining < 10 else f"{remaining:.0f}"
-            progress(f"streaminfer diagnose: read {url}; scraping again in {remaining_text} s")
+            if first:
+                progress(f"streaminfer diagnose: first scrape of {url} done; waiting {remaining_text} s for the second")
+            else:
+                progress(f"streaminfer diagnose: waiting {remaining_text} s more for the second scrape")
+        first = False
         sleep(min(remaining, PROGRESS_EVERY_S))
     after = fetch(url)
-    return Snapshot(url, before, after, time.monotonic() - started, time.time())
+    interval = time.monotonic() - started
+    if progress is not None:
+        progress(f"streaminfer diagnose: second scrape done, {interval:.1f} s after the first")
+    return Snapshot(url, before, after, interval, time.time())
 
 
 def save_snapshot(snapshot: Snapshot, path: str) -> None:
@@ -512,7 +524,11 @@ def _saturation(window: Window, batches: list[dict[str, Any]]) -> dict[str, Any]
             f"p99 {'>' if lag_above else ''}{_ms(lag_p99 or 0.0)}",
         }
     )
-    busy_fraction = window.gauge(M_BUSY_FRACTION)
+    # The gauge covers only the second before a scrape. The larger of its two readings is used, so load
+    # that ended before the second scrape still shows.
+    busy_by_scrape = (window.before.value(M_BUSY_FRACTION), window.after.value(M_BUSY_FRACTION))
+    busy_fraction = max(busy_by_scrape)
+    busy_scrape = "first" if busy_by_scrape[0] > busy_by_scrape[1] else "second"
     max_busy_fraction = window.gauge(M_MAX_BUSY_FRACTION)
     busy_capacity = int(window.gauge(M_BUSY_CAPACITY))
     arrival_reserve = window.gauge(M_BUSY_ARRIVAL_RESERVE)
@@ -526,7 +542,8 @@ def _saturation(window: Window, batches: list[dict[str, Any]]) -> dict[str, Any]
             {
                 "stage": "event loop busy fraction",
                 "busy": busy_fraction,
-                "detail": f"the loop busy instead of waiting for the network; admission.max_busy_fraction "
+                "detail": f"the loop busy instead of waiting for the network, the larger of its readings at the first "
+                f"and second scrape, {busy_by_scrape[0]:.0%} and {busy_by_scrape[1]:.0%}; admission.max_busy_fraction "
                 f"{max_busy_fraction:g}{capacity}",
             }
         )
@@ -541,8 +558,11 @@ def _saturation(window: Window, batches: list[dict[str, Any]]) -> dict[str, Any]
 
     return {
         "stages": entries,
-        # Over the last second before the second scrape; 0 when the server's busy-fraction check is off.
+        # Over the second before a scrape, the larger of the two readings, and 0 when the server's
+        # busy-fraction check is off. busy_fraction_scrape is the scrape it was read at ("first" or "second").
         "busy_fraction": busy_fraction,
+        "busy_fraction_scrape": busy_scrape,
+        "busy_fraction_by_scrape": list(busy_by_scrape),
         "max_busy_fraction": max_busy_fraction,
         # Open streams the busy-fraction check allows at the learned cost per stream; 0 before it is learned.
         "busy_capacity_streams": busy_capacity,
@@ -602,7 +622,11 @@ def diagnose(snapshot: Snapshot) -> dict[str, Any]:
         "url": snapshot.url,
         "interval_s": snapshot.interval_s,
         "taken_at": snapshot.taken_at,
-        "idle": traffic["chunks_received"] == 0 and not latency and traffic["batches"] == 0,
+        # Streams rejected for load are traffic, even when no chunk was read.
+        "idle": traffic["chunks_received"] == 0
+        and not latency
+        and traffic["batches"] == 0
+        and not any(rejection["reason"] in LOAD_REJECTIONS for rejection in rejections),
         "traffic": traffic,
         "latency": latency,
         "batches": batches,
@@ -637,6 +661,11 @@ def _load_rejections(report: dict[str, Any]) -> str:
     return f"{count:.0f} streams rejected for load ({named}), {share:.0%} of new streams"
 
 
+def _busy_text(saturation: dict[str, Any]) -> str:
+    """Return the loop's busy fraction with the second it covers, e.g. "busy 72% of the second before the first scrape"."""
+    return f"busy {saturation['busy_fraction']:.0%} of the second before the {saturation['busy_fraction_scrape']} scrape"
+
+
 def _busiest(saturation: dict[str, Any], skip: str = "", max_stages: int = 3) -> str:
     """Return the stages at least HEALTHY_BUSY busy, busiest first, with their figures ("" when none)."""
     named = []
@@ -645,7 +674,7 @@ def _busiest(saturation: dict[str, Any], skip: str = "", max_stages: int = 3) ->
             continue
         if stage["stage"] == "event loop busy fraction":
             named.append(
-                f"event loop busy {stage['busy']:.0%} of the last second against admission.max_busy_fraction "
+                f"event loop {_busy_text(saturation)} against admission.max_busy_fraction "
                 f"{saturation['max_busy_fraction']:g}"
             )
         else:
@@ -657,8 +686,12 @@ def _verdict(report: dict[str, Any]) -> dict[str, Any]:
     """Name the bottleneck and the change: returns kind, model, line and change."""
     traffic = report["traffic"]
     saturation = report["saturation"]
+    # Every verdict line ends with the streams rejected for load in the window, unless it names them itself.
+    rejected = _load_rejections(report)
 
-    def verdict(kind: str, line: str, change: str, model: str = "") -> dict[str, Any]:
+    def verdict(kind: str, line: str, change: str, model: str = "", names_rejections: bool = False) -> dict[str, Any]:
+        if rejected and not names_rejections:
+            line = f"{line}; {rejected}"
         return {"kind": kind, "model": model, "line": line, "change": change}
 
     if report["idle"]:
@@ -692,11 +725,7 @@ def _verdict(report: dict[str, Any]) -> dict[str, Any]:
     load_rejected = sum(r["count"] for r in report["rejections"] if r["reason"] in LOAD_REJECTIONS)
     if not report["latency"]:
         if load_rejected:
-            return verdict(
-                "workers",
-                f"{load_rejected:.0f} streams rejected for load and no chunk answered",
-                "add workers (serve --workers N) or replicas",
-            )
+            return verdict("workers", "no chunk answered in the interval", "add workers (serve --workers N) or replicas")
         return verdict("none", "chunks were read but none answered in the interval", "scrape over a longer --interval")
 
     focus = report["latency"][0]
@@ -722,7 +751,6 @@ def _verdict(report: dict[str, Any]) -> dict[str, Any]:
 
     # Healthy but for streams rejected for load: admission keeps the latency
     # low, and no stage needs a change.
-    rejected = _load_rejections(report)
     if load_rejected and focus["mean_s"] < HEALTHY_LATENCY_S and worst_drop < HEALTHY_DROP_SHARE:
         return verdict(
             "capacity",
@@ -731,6 +759,7 @@ def _verdict(report: dict[str, Any]) -> dict[str, Any]:
             "for more streams add workers (serve --workers N) or replicas; raise the limit that rejects them only "
             "if p99 stays well within the budget at the higher load",
             model,
+            names_rejections=True,
         )
 
     parts = {stage["stage"]: stage["mean_s"] for stage in focus["stages"]}
@@ -765,9 +794,9 @@ def _verdict(report: dict[str, Any]) -> dict[str, Any]:
         if loop_saturated:
             return verdict(
                 "event_loop",
-                f"the event loop is near its limit: busy {saturation['busy_fraction']:.0%} of the last second, at or "
-                f"over admission.max_busy_fraction {saturation['max_busy_fraction']:g}; write and event loop/network "
-                f"are {share:.0%} of {where}" + (f"; {rejected}" if rejected else ""),
+                f"the event loop is near its limit: {_busy_text(saturation)}, at or over "
+                f"admission.max_busy_fraction {saturation['max_busy_fraction']:g}; write and event loop/network "
+                f"are {share:.0%} of {where}",
                 "add workers (serve --workers N) or replicas: new streams are rejected (busy) until the load falls",
                 model,
             )
@@ -800,17 +829,15 @@ def _verdict(report: dict[str, Any]) -> dict[str, Any]:
                 "add workers (serve --workers N) or replicas on more cores",
                 model,
             )
-        also_rejected = f"; {rejected}" if rejected else ""
         rejected_busy = any(r["reason"] == "busy" for r in report["rejections"])
         max_busy_fraction = saturation["max_busy_fraction"]
         if max_busy_fraction > 0 and saturation["busy_fraction"] >= LOOP_NEAR_LIMIT * max_busy_fraction:
             others = _busiest(saturation, skip="event loop busy fraction")
             return verdict(
                 "event_loop",
-                f"the event loop is close to its limit: busy {saturation['busy_fraction']:.0%} of the last second "
-                f"against admission.max_busy_fraction {max_busy_fraction:g}; {waits}"
-                + (f"; other busy stages: {others}" if others else "")
-                + also_rejected,
+                f"the event loop is close to its limit: {_busy_text(saturation)} against "
+                f"admission.max_busy_fraction {max_busy_fraction:g}; {waits}"
+                + (f"; other busy stages: {others}" if others else ""),
                 "add workers (serve --workers N) or replicas: each process has one event loop"
                 + (", and admission rejects new streams (busy) as it reaches its limit" if rejected_busy else ""),
                 model,
@@ -821,8 +848,7 @@ def _verdict(report: dict[str, Any]) -> dict[str, Any]:
         return verdict(
             "event_loop",
             f"{waits}; "
-            + (f"the busiest stages: {busiest}" if busiest else f"no stage is over {HEALTHY_BUSY:.0%} busy")
-            + also_rejected,
+            + (f"the busiest stages: {busiest}" if busiest else f"no stage is over {HEALTHY_BUSY:.0%} busy"),
             "add workers (serve --workers N) or replicas; if clients connect over a network rather than loopback, "
             "check the network between them and the server",
             model,
@@ -945,11 +971,12 @@ def _findings(report: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     for rejection in report["rejections"]:
+        reason = rejection["reason"]
+        cause = f"because {REASON_MEANINGS[reason]} ({reason})" if reason in REASON_MEANINGS else f"({reason})"
         findings.append(
             {
                 "impact": min(1.0, rejection["share"]),
-                "text": f"{rejection['count']:.0f} streams rejected ({rejection['reason']}), "
-                f"{rejection['share']:.0%} of new streams",
+                "text": f"{rejection['count']:.0f} streams rejected {cause}, {rejection['share']:.0%} of new streams",
             }
         )
     for batch in report["batches"]:
@@ -966,6 +993,12 @@ def _findings(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # -- rendering -----------------------------------------------------------------
+
+
+def _reason(reason: str) -> str:
+    """Return a reason label with its meaning where the label alone could mislead, e.g. "draining (the server was shutting down)"."""
+    meaning = REASON_MEANINGS.get(reason)
+    return f"{reason} ({meaning})" if meaning else reason
 
 
 def _ms(seconds: float | None) -> str:
@@ -1041,12 +1074,13 @@ def render(report: dict[str, Any]) -> str:
     ] or ["  none"]
     lines += ["Rejections by reason:"]
     lines += [
-        f"  {rejection['reason']}: {rejection['count']:.0f} ({rejection['share']:.0%} of new streams, admitted or rejected)"
+        f"  {_reason(rejection['reason'])}: {rejection['count']:.0f} ({rejection['share']:.0%} of new streams, "
+        "admitted or rejected)"
         for rejection in report["rejections"]
     ] or ["  none"]
     ended = traffic["streams_ended_by_server"]
     if ended:
-        lines += ["Streams ended by the server:"] + [f"  {entry['reason']}: {entry['count']:.0f}" for entry in ended]
+        lines += ["Streams ended by the server:"] + [f"  {_reason(entry['reason'])}: {entry['count']:.0f}" for entry in ended]
     return "\n".join(lines) + "\n"
 
 
