@@ -1050,3 +1050,16 @@ def test_induced_slow_clients(user_models: dict[str, str]) -> None:
 def test_fetch_grpc_port_hint(server) -> None:
     with pytest.raises(diagnose.DiagnoseError, match="is this the gRPC port"):
         diagnose.fetch(f"http://{server.target}/metrics", timeout=10)
+
+
+def test_rejecting_with_model_under_half_is_capacity() -> None:
+    # Chunks take 22 ms, the model 10.4 ms of it (under half) with its instance half busy, while
+    # admission rejects streams for load: the admission limit stops more streams, not the model.
+    scenario = Scenario(queue_wait=0.004, inference=0.0064, write=0.004, between=0.0065, rejections={"busy": 138})
+    verdict = report_on(scenario)["verdict"]
+    assert scenario.latency > diagnose.HEALTHY_LATENCY_S
+    assert verdict["kind"] == "capacity"
+    assert verdict["line"].startswith("the server is at its admission limit and keeps its latency: 138 streams rejected")
+    # With the model over half of the latency, the model verdict stands.
+    slow = dataclasses.replace(scenario, inference=0.02)
+    assert report_on(slow)["verdict"]["kind"] == "model_speed"

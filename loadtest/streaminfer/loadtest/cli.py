@@ -118,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--metrics-url", default=None, metavar="URL",
                      help="the server's Prometheus page, for example http://127.0.0.1:9464/metrics, read before and after "
                      "the run for the server-side breakdown (default: not read)")
-    out.add_argument("--quiet", action="store_true", help="no progress line on stderr (default: one about every second)")
+    out.add_argument("--quiet", action="store_true",
+                     help="no progress line on stderr (default: one rewritten about every second on a terminal, "
+                     "a new one every 5 s otherwise)")
     return parser
 
 

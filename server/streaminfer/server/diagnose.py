@@ -512,7 +512,7 @@ def _saturation(window: Window, batches: list[dict[str, Any]]) -> dict[str, Any]
             "stage": "decode threads",
             "busy": _busy(decode_busy_per_s, threads),
             "detail": f"{decode_busy_per_s:.2f} s/s busy over {threads:.0f} thread(s); "
-            f"{window.gauge(M_DECODE_QUEUE_DEPTH):.0f} jobs waiting",
+            f"{window.gauge(M_DECODE_QUEUE_DEPTH):.0f} job(s) waiting",
         }
     )
     late_share = _busy(lag.sum, interval)
@@ -749,9 +749,7 @@ def _verdict(report: dict[str, Any]) -> dict[str, Any]:
             model,
         )
 
-    # Healthy but for streams rejected for load: admission keeps the latency
-    # low, and no stage needs a change.
-    if load_rejected and focus["mean_s"] < HEALTHY_LATENCY_S and worst_drop < HEALTHY_DROP_SHARE:
+    def at_admission_limit() -> dict[str, Any]:
         return verdict(
             "capacity",
             f"the server is at its admission limit and keeps its latency: {rejected}, while {model} answers in "
@@ -761,6 +759,11 @@ def _verdict(report: dict[str, Any]) -> dict[str, Any]:
             model,
             names_rejections=True,
         )
+
+    # Healthy but for streams rejected for load: admission keeps the latency
+    # low, and no stage needs a change.
+    if load_rejected and focus["mean_s"] < HEALTHY_LATENCY_S and worst_drop < HEALTHY_DROP_SHARE:
+        return at_admission_limit()
 
     parts = {stage["stage"]: stage["mean_s"] for stage in focus["stages"]}
     groups = {
@@ -931,6 +934,10 @@ def _verdict(report: dict[str, Any]) -> dict[str, Any]:
             f"add model instances (instances = {int(instances) + 1} or more for {model}), or a faster device",
             model,
         )
+    if load_rejected and worst_drop < HEALTHY_DROP_SHARE and share < 0.5:
+        # The model is not saturated and takes under half the latency, while
+        # admission rejects streams for load: the limit stops more streams.
+        return at_admission_limit()
     if parts["inference"] >= parts["queue_wait"]:
         return verdict(
             "model_speed",
