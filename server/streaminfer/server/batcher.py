@@ -465,7 +465,8 @@ class ModelRunner:
         group = _size_group(size)
         if group in known:
             return known[group]
-        nearest = min(known, key=lambda seen: abs(math.log2(seen / group)))
+        # Worker threads add groups without the lock: iterate over a copy of the keys.
+        nearest = min(tuple(known), key=lambda seen: abs(math.log2(seen / group)))
         return known[nearest] * min(1.0, group / nearest)
 
     def _cutoff(self) -> _Cutoff:
