@@ -23,13 +23,18 @@ from conftest import MEDIA, ServerThread, loopback_config
 API_KEY = "loadtest-key-5e1b"
 
 
-@pytest.fixture(scope="module")
-def vad_server() -> Iterator[ServerThread]:
+def running_vad_server(**changes: object) -> Iterator[ServerThread]:
+    """Run a loopback server of silero_vad alone, with ``changes`` to its config, until the fixture ends."""
     config = loopback_config()
-    config = dataclasses.replace(config, models=tuple(m for m in config.models if m.name == "silero_vad"))
+    config = dataclasses.replace(config, models=tuple(m for m in config.models if m.name == "silero_vad"), **changes)
     thread = ServerThread(config).start()
     yield thread
     thread.stop()
+
+
+@pytest.fixture(scope="module")
+def vad_server() -> Iterator[ServerThread]:
+    yield from running_vad_server()
 
 
 @pytest.fixture(scope="module")
@@ -41,33 +46,21 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def secured_vad_server(certificates: pathlib.Path) -> Iterator[ServerThread]:
     """A VAD server that speaks TLS only and accepts one API key."""
-    config = loopback_config()
-    config = dataclasses.replace(
-        config,
-        models=tuple(m for m in config.models if m.name == "silero_vad"),
+    yield from running_vad_server(
         auth=AuthConfig(api_keys=(API_KEY,)),
         tls_cert_file=str(certificates / "server.pem"),
         tls_key_file=str(certificates / "server.key"),
     )
-    thread = ServerThread(config).start()
-    yield thread
-    thread.stop()
 
 
 @pytest.fixture(scope="module")
 def client_certificate_server(certificates: pathlib.Path) -> Iterator[ServerThread]:
     """A VAD server that speaks TLS only and requires client certificates signed by the test CA."""
-    config = loopback_config()
-    config = dataclasses.replace(
-        config,
-        models=tuple(m for m in config.models if m.name == "silero_vad"),
+    yield from running_vad_server(
         tls_cert_file=str(certificates / "server.pem"),
         tls_key_file=str(certificates / "server.key"),
         tls_client_ca_file=str(certificates / "ca.pem"),
     )
-    thread = ServerThread(config).start()
-    yield thread
-    thread.stop()
 
 
 # Schedules

@@ -179,6 +179,11 @@ def _deadline_error(item: WorkItem, cutoff: _Cutoff) -> ItemDropped:
     )
 
 
+def _moving_average(previous: float | None, value: float) -> float:
+    """Return the batch-time average after ``value``: 0.9 of ``previous`` and 0.1 of ``value``, or ``value`` first."""
+    return value if previous is None else 0.9 * previous + 0.1 * value
+
+
 def _size_group(size: int) -> int:
     """Return ``size`` rounded up to a power of two: the group whose batch time prices it."""
     return 1 << (max(1, size) - 1).bit_length()
@@ -634,10 +639,9 @@ class ModelRunner:
         self.stats.inference_seconds += inference_s
         self.stats.batch_size_counts[len(runnable)] += 1
         if runnable:
-            self.batch_seconds = inference_s if self.stats.batches == 1 else 0.9 * self.batch_seconds + 0.1 * inference_s
+            self.batch_seconds = _moving_average(self.batch_seconds if self.stats.batches > 1 else None, inference_s)
             group = _size_group(len(runnable))
-            previous = self._batch_seconds_by_size.get(group)
-            self._batch_seconds_by_size[group] = inference_s if previous is None else 0.9 * previous + 0.1 * inference_s
+            self._batch_seconds_by_size[group] = _moving_average(self._batch_seconds_by_size.get(group), inference_s)
             self._metric_size.observe(len(runnable))
             self._metric_fill.observe(len(runnable) / self._max_batch)
             self._metric_inference.observe(inference_s)
